@@ -1,0 +1,23 @@
+"""Networks of the lymph-node foundation model, and their layouts for the fine-tuning methods."""
+
+from __future__ import annotations
+
+from monai.networks.blocks import UnetOutBlock
+from monai.networks.nets import DynUNet, SwinUNETR
+
+from dgst_monai.roles import register_head_type, register_network
+
+# final logit convs and deep-supervision heads, wherever they sit
+register_head_type(UnetOutBlock)
+register_network(
+    DynUNet,
+    encoder=("input_block", "downsamples", "bottleneck"),
+    decoder=("upsamples", "output_block", "deep_supervision_heads"),
+    heads=("output_block", "deep_supervision_heads"),
+)
+register_network(
+    SwinUNETR,
+    encoder=("swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"),
+    decoder=("decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out"),
+    heads=("out",),
+)
