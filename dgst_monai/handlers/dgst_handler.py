@@ -17,7 +17,7 @@ from dgst_monai.sparsity import UPDATE_MODES, Grouping, Selector, SparseUpdate, 
 class DGSTHandler:
     """Dynamic Gradient Sparsification Training (and the paper's other fine-tuning methods) for a trainer.
 
-    On attach, the method's frozen parameters get ``requires_grad=False``. Then at every iteration, after
+    When the run starts, the method's frozen parameters get ``requires_grad=False``. At every iteration, after
     ``backward()`` (``IterationEvents.BACKWARD_COMPLETED``): unscale the gradients under AMP, clip their global
     norm, select the entries to update and mask the gradients (and, in strict mode, snapshot the kernels);
     after ``optimizer.step()`` (``IterationEvents.MODEL_COMPLETED``) restore the unselected entries. The order
@@ -74,12 +74,19 @@ class DGSTHandler:
         self._total = 0
 
     def attach(self, engine: Engine) -> None:
-        """Freeze what the method does not train and register the per-iteration callbacks on ``engine``."""
+        """Register the callbacks on ``engine``; the method is applied when the run starts."""
+        if getattr(engine, "accumulation_steps", 1) > 1:
+            raise ValueError("DGSTHandler selects per optimizer step; gradient accumulation is not supported")
+        # a MONAI Workflow attaches handlers before it stores its network, so resolve it at start
+        engine.add_event_handler(Events.STARTED, self._setup)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self._after_step)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_fraction)
+
+    def _setup(self, engine: Engine) -> None:
         network = self.network if self.network is not None else getattr(engine, "network", None)
         if network is None:
             raise ValueError("DGSTHandler needs a network: pass network=... or attach to a MONAI SupervisedTrainer")
-        if getattr(engine, "accumulation_steps", 1) > 1:
-            raise ValueError("DGSTHandler selects per optimizer step; gradient accumulation is not supported")
         self._freeze(network)
         params = dict(network.named_parameters())
         self._trainable = [p for p in params.values() if p.requires_grad]
@@ -87,9 +94,6 @@ class DGSTHandler:
         self._selector = make_selector(self.method, network, self.options)
         if self._selector is not None:
             self._sparse_update = SparseUpdate(params, self._selector.sparse, self.update)
-        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
-        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self._after_step)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_fraction)
 
     def _freeze(self, network: nn.Module) -> None:
         wanted = self.method.trainable(network)
