@@ -110,7 +110,8 @@ def run_demo(
         preset_configs,
         datalist=source,
         ckpt_dir=str(foundation),
-        **{"train#trainer#max_epochs": p.pretrain_epochs, "val_interval": p.pretrain_epochs},
+        max_epochs=p.pretrain_epochs,
+        val_interval=p.pretrain_epochs,
         **common,
     )
     rows: dict[str, dict[str, Any]] = {}
@@ -127,7 +128,7 @@ def run_demo(
             shots=shots,
             foundation_checkpoint=str(foundation / "model.pt"),
             ckpt_dir=str(tuned),
-            **{"train#trainer#max_epochs": p.finetune_epochs},
+            max_epochs=p.finetune_epochs,
             **common,
         )
         step(f"evaluating {method} on the held-out target cases")
