@@ -127,7 +127,7 @@ class Selector:
                 masks[name] = torch.zeros_like(param, dtype=torch.bool)
                 continue
             masks[name] = top_gamma_mask(group_rows(scores, self.grouping), self.gamma).view_as(param)
-        return masks
+        return {name: masks[name] for name in self.params}
 
 
 class GradientSelector(Selector):

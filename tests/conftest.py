@@ -1,0 +1,175 @@
+"""Shared fixtures for the DGST core tests: a tiny deep-supervised DynUNet, random patches, a MONAI trainer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import torch
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.losses import DiceCELoss
+from monai.networks.nets import DynUNet
+from torch import nn
+
+from dgst_monai.losses import StackedDeepSupervisionLoss
+
+#: Prefixes of the tiny DynUNet's children, written out here so the tests do not reuse the library's layout.
+ENCODER_PREFIXES = ("input_block.", "downsamples.", "bottleneck.")
+DECODER_PREFIXES = ("upsamples.", "output_block.", "deep_supervision_heads.")
+HEAD_PREFIXES = ("output_block.", "deep_supervision_heads.")
+
+PATCH = 16
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed() -> None:
+    """Every test starts from the same torch seed and a single thread (the machine's 2 cores are shared)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+
+def build_tiny_dynunet(filters=(4, 8, 16, 32), trans_bias: bool = False, **kwargs) -> DynUNet:
+    """A 4-level DynUNet with affine instance norm and one deep-supervision head (nnU-Net-style)."""
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        kernel_size=[3, 3, 3, 3],
+        strides=[1, 2, 2, 2],
+        upsample_kernel_size=[2, 2, 2],
+        filters=list(filters),
+        norm_name=("INSTANCE", {"affine": True}),
+        deep_supervision=True,
+        deep_supr_num=1,
+        trans_bias=trans_bias,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def tiny_dynunet() -> Callable[..., DynUNet]:
+    """Factory of tiny DynUNets (filters 4-8-16-32, deep supervision with one extra head)."""
+    return build_tiny_dynunet
+
+
+def random_batch(batch: int = 2, size: int = PATCH, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random image and a random two-class label map, both (batch, 1, size, size, size)."""
+    image = torch.randn(batch, 1, size, size, size, dtype=dtype)
+    label = (torch.rand(batch, 1, size, size, size) > 0.7).to(dtype)
+    return image, label
+
+
+@pytest.fixture
+def batch_factory() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Factory of random (image, label) batches."""
+    return random_batch
+
+
+def make_loss() -> nn.Module:
+    """The fine-tuning loss: Dice + CE on every deep-supervision head."""
+    return StackedDeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
+
+
+@pytest.fixture
+def loss_factory() -> Callable[[], nn.Module]:
+    """Factory of the deep-supervision Dice-CE loss."""
+    return make_loss
+
+
+def make_loader(n: int = 2, size: int = PATCH, batch_size: int = 1, dtype=torch.float32) -> DataLoader:
+    """A MONAI DataLoader over a list of ``n`` dicts of random single-channel patches (no shuffling)."""
+    items = []
+    for _ in range(n):
+        image, label = random_batch(1, size, dtype)
+        items.append({"image": image[0], "label": label[0]})
+    return DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def make_trainer(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    iterations: int = 2,
+    max_epochs: int = 1,
+    dtype=torch.float32,
+    **kwargs,
+) -> SupervisedTrainer:
+    """A real ``SupervisedTrainer`` on ``iterations`` random patches per epoch, batch 1, CPU."""
+    return SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        train_data_loader=make_loader(iterations, dtype=dtype),
+        network=network,
+        optimizer=optimizer,
+        loss_function=make_loss(),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def trainer_factory() -> Callable[..., SupervisedTrainer]:
+    """Factory of MONAI ``SupervisedTrainer``s on tiny random data."""
+    return make_trainer
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of every parameter, by ``named_parameters()`` name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def take_snapshot() -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """Function that copies all parameters of a model."""
+    return snapshot
+
+
+def reference_top_gamma(grad: torch.Tensor, gamma: int, grouping: str) -> torch.Tensor:
+    """Slow, obviously correct DGST mask: per row, the ``gamma`` largest |g| by a stable descending argsort."""
+    if grouping == "filter":
+        rows = grad.reshape(grad.shape[0], -1)
+    elif grouping == "kernel":
+        rows = grad.reshape(-1, math.prod(grad.shape[2:]))  # a Linear or 1x1x1 weight: one entry per row
+    else:
+        raise AssertionError(grouping)
+    mask = torch.zeros(rows.shape, dtype=torch.bool)
+    for r in range(rows.shape[0]):
+        keep = torch.argsort(rows[r].abs(), descending=True, stable=True)[:gamma]
+        mask[r, keep] = True
+    return mask.reshape(grad.shape)
+
+
+@pytest.fixture
+def reference_mask() -> Callable[[torch.Tensor, int, str], torch.Tensor]:
+    """The reference top-gamma selection, written independently of the library."""
+    return reference_top_gamma
+
+
+def is_dynunet_kernel(name: str, param: torch.Tensor) -> bool:
+    """A conv / transposed-conv weight outside the heads of the tiny DynUNet (what DGST sparsifies)."""
+    return name.endswith(".weight") and param.dim() == 5 and not name.startswith(HEAD_PREFIXES)
+
+
+def is_dynunet_norm(name: str) -> bool:
+    """An instance-norm affine parameter of the tiny DynUNet (its norms are called norm1 / norm2)."""
+    return ".norm" in name
+
+
+def is_dynunet_bias(name: str) -> bool:
+    """A conv / transposed-conv bias of the tiny DynUNet (not a norm shift)."""
+    return name.endswith(".bias") and not is_dynunet_norm(name)
+
+
+@pytest.fixture
+def dynunet_roles() -> SimpleNamespace:
+    """The tiny DynUNet's parameter roles from its parameter names, independent of dgst_monai.roles."""
+    return SimpleNamespace(
+        encoder=ENCODER_PREFIXES,
+        decoder=DECODER_PREFIXES,
+        heads=HEAD_PREFIXES,
+        is_kernel=is_dynunet_kernel,
+        is_norm=is_dynunet_norm,
+        is_bias=is_dynunet_bias,
+    )
