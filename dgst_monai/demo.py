@@ -41,7 +41,7 @@ PRESETS: dict[str, DemoPreset] = {
         pretrain_epochs=1,
         finetune_epochs=1,
         iterations_per_epoch=3,
-        phantom_knobs={"fov_mm": 96.0},
+        phantom_knobs={"fov_mm": (80.0, 80.0, 40.0)},
         overrides={"patch_size": [32, 32, 16], "filters": [8, 16, 32, 64]},
     ),
 }

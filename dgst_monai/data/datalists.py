@@ -23,7 +23,8 @@ def synthetic_datalist(folder: str | Path, domain: str = "hn", n: int = 20, seed
 
     folder = Path(folder)
     datalist = folder / "datalist.json"
-    wanted = {"domain": domain, "n": n, "seed": seed, "knobs": knobs}
+    # through JSON, so that tuples compare equal to the lists read back
+    wanted = json.loads(json.dumps({"domain": domain, "n": n, "seed": seed, "knobs": knobs}))
     stamp = folder / "request.json"
     if datalist.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return str(datalist)
