@@ -1,7 +1,12 @@
-"""The ``dgst-monai`` command (python-fire): ``demo``, ``methods``, ``data synth``."""
+"""The ``dgst-monai`` command (python-fire).
+
+``demo``, ``methods``, ``import-nnunet``, ``delta export|apply``, ``data synth``. Each command is a thin call
+into the library; heavy imports happen inside the command so ``dgst-monai --help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import fire
@@ -17,11 +22,32 @@ class Data:
         return str(write_synthetic_dataset(out, domain=domain, n=n, seed=seed, **knobs))
 
 
+class Delta:
+    """Sparse weight deltas: store only the entries a fine-tune changed."""
+
+    def export(self, base: str, tuned: str, o: str) -> str:
+        """Write the entries of ``tuned`` that differ from ``base`` (indices + exact values) to ``o``."""
+        from dgst_monai.delta import save_delta
+
+        return _report(save_delta(base, tuned, o).as_dict())
+
+    def apply(self, base: str, delta: str, o: str) -> str:
+        """Rebuild the fine-tuned weights, bit-identical, from ``base`` and ``delta`` into ``o``."""
+        from dgst_monai.delta import load_and_apply
+
+        return _report(load_and_apply(base, delta, o).as_dict())
+
+
+def _report(stats: dict[str, Any]) -> str:
+    return json.dumps(stats, indent=2)
+
+
 class Commands:
     """Few-shot fine-tuning of a CT lymph-node segmentation foundation model with DGST (MONAI bundles)."""
 
     def __init__(self) -> None:
         self.data = Data()
+        self.delta = Delta()
 
     def demo(self, out: str | None = None, preset: str = "default", shots: int = 5, seed: int = 0) -> None:
         """Synthesise CT, pre-train a small foundation model, fine-tune it (full vs DGST) on ``shots`` target
@@ -30,11 +56,39 @@ class Commands:
 
         run_demo(out=out, preset=preset, shots=shots, seed=seed)
 
-    def methods(self) -> str:
-        """List the fine-tuning methods (``--method`` of the finetune config)."""
+    def methods(self, network: str | None = None, steps: int | None = None, gamma: int = 1) -> str:
+        """List the fine-tuning methods (``--method`` of the finetune config).
+
+        With ``--network NAME`` (dynunet, dynunet_resenc, swinunetr, swinunetr_v2, or a planner preset such as
+        ``paper`` / ``cpu-small``), a table of trainable parameters per method on that network, and with
+        ``--steps N`` the most entries each method can change in N optimizer steps.
+        """
         from dgst_monai.methods import METHODS
 
-        return "\n".join(f"{m.name:14s} {m.label}" for m in METHODS.values())
+        if network is None:
+            return "\n".join(f"{m.name:14s} {m.label}" for m in METHODS.values())
+        from dgst_monai.accounting import account_methods, format_table
+
+        return format_table(account_methods(_network(network), gamma=gamma, steps=steps))
+
+    def import_nnunet(self, model_folder: str, o: str = "model.pt", fold: int | str = 0) -> str:
+        """Convert an nnU-Net v2 model folder (plans.json, fold_*/checkpoint_final.pth) into an
+        ``ln_ct_dynunet`` checkpoint ``o`` plus the network override JSON written next to it."""
+        from dgst_monai.networks.nnunet_import import export_nnunet
+
+        return str(export_nnunet(model_folder, o, fold=fold))
+
+
+def _network(name: str) -> Any:
+    from dgst_monai.networks.factory import NETWORKS, build_network
+    from dgst_monai.networks.planner import plan_preset
+
+    if name in NETWORKS:
+        return build_network(name)
+    try:
+        return plan_preset(name).network()
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown network {name!r}: use one of {', '.join(NETWORKS)} or a planner preset") from None
 
 
 def main() -> None:
