@@ -11,15 +11,11 @@ from typing import Any
 
 import fire
 
+from dgst_monai.data.commands import DataCommands
 
-class Data:
-    """Datasets: synthetic CT phantoms."""
 
-    def synth(self, out: str, domain: str = "hn", n: int = 20, seed: int = 0, **knobs: Any) -> str:
-        """Write ``n`` synthetic CT cases of ``domain`` (hn | mediastinum) and a MONAI datalist under ``out``."""
-        from dgst_monai.data.phantoms import write_synthetic_dataset
-
-        return str(write_synthetic_dataset(out, domain=domain, n=n, seed=seed, **knobs))
+class Data(DataCommands):
+    """Datasets: synthetic CT phantoms, indexing a download, validation, few-shot splits, dataset cards."""
 
 
 class Delta:

@@ -6,7 +6,6 @@ Bundle configs call these by ``$dgst_monai.data.datalists.<name>(...)``.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +61,42 @@ def load_split(datalist: str | Path, split: str = "training") -> list[dict[str, 
     return cases
 
 
-def few_shot(cases: list[dict[str, Any]], shots: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``shots`` training cases drawn by a seeded permutation; for one seed, smaller sets nest in larger ones."""
-    if not 1 <= shots <= len(cases):
+def few_shot(
+    cases: list[dict[str, Any]], shots: int, seed: int = 0, splits: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """``shots`` training cases for ``seed``: nested (for one seed the 3-shot set lies in the 5-shot set, ...).
+
+    Without ``splits`` the cases are ranked by :func:`dgst_monai.data.splits.nested_shots` (a hash of seed and
+    case id), which is what ``dgst-monai data split`` writes, so the two always agree; the choice does not
+    depend on the order of ``cases``. With ``splits`` (a splits JSON of ``data split``, possibly edited by
+    hand) its ``few_shot[seed][shots]`` case ids are used.
+
+    Raises:
+        ValueError: ``shots`` out of range, duplicate case ids, or a splits file whose ids are not in ``cases``.
+        KeyError: ``splits`` has no subset for this seed and number of shots.
+    """
+    from dgst_monai.data.splits import case_id_of, nested_shots
+
+    if isinstance(shots, bool) or not 1 <= int(shots) <= len(cases):
         raise ValueError(f"shots must be between 1 and the {len(cases)} available training cases, got {shots}")
-    order = list(range(len(cases)))
-    random.Random(seed).shuffle(order)
-    return [cases[i] for i in order[:shots]]
+    by_id: dict[str, dict[str, Any]] = {}
+    for i, case in enumerate(cases):
+        cid = case_id_of(case, i)
+        if cid in by_id:
+            raise ValueError(f"duplicate case id {cid!r} among the training cases")
+        by_id[cid] = case
+    if splits is None:
+        chosen = nested_shots(list(by_id), [int(shots)], int(seed))[int(shots)]
+    else:
+        table = _read(splits).get("few_shot", {})
+        try:
+            chosen = list(table[str(seed)][str(int(shots))])
+        except KeyError:
+            raise KeyError(f"splits {splits} has no {shots}-shot subset for seed {seed}") from None
+        unknown = [cid for cid in chosen if cid not in by_id]
+        if unknown:
+            raise ValueError(f"splits {splits}: case ids {', '.join(unknown)} are not among the training cases")
+    return [by_id[cid] for cid in chosen]
 
 
 def holdout(cases: list[dict[str, Any]], n_validation: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -1,0 +1,379 @@
+"""Build a MONAI datalist from a user's download (``dgst-monai data index DIR --dataset ...``).
+
+Supported layouts (the defaults below are also in the dataset cards, ``data_manifests/*.json``):
+
+* ``segrap2023``: ``DIR/segrap_XXXX/image.nii.gz`` with one mask file per structure in the same folder (or in
+  ``label_dir/segrap_XXXX/``); the LN target is the nodal label, default file ``GTVnd.nii.gz`` (the name used by
+  third-party code for the training release; not verified here - pass ``label_file`` if yours differs).
+* ``lnq2023``: NRRD pairs ``<case>-ct.nrrd`` / ``<case>-seg.nrrd`` anywhere under ``DIR`` (``image_glob``,
+  ``image_suffix``, ``label_suffix``). Index the fully annotated validation + test scans only.
+* ``radcure``: one folder per patient under ``DIR`` holding a DICOM CT series at any depth (the CT series with
+  most slices is used; the image entry is that series folder) and an LN mask per patient,
+  ``mask_dir/<case>.nii.gz`` (``mask_pattern``; NIfTI, NRRD or MetaImage). DICOM-SEG and RTSTRUCT masks are
+  not supported: convert them to a label volume on the CT grid first.
+* ``nnunet``: nnU-Net raw layout ``imagesTr/<case>_0000<ending>`` + ``labelsTr/<case><ending>`` (and
+  ``imagesTs`` / ``labelsTs`` as the test list when labelled), ``dataset.json`` for the file ending and labels.
+  Only channel ``_0000`` is used (the model takes one CT channel).
+
+Paths in the datalist are relative to the datalist's folder (MONAI's ``load_decathlon_datalist`` resolves them)
+unless ``absolute=True``. ``intensity_properties`` is nnU-Net's CT fingerprint - HU percentiles 0.5 / 99.5, mean
+and std of voxels inside the labels of the training cases - from a seeded sample of at most ``samples_per_case``
+foreground voxels per case; ``dgst_monai.data.datalists.ct_normalization`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from dgst_monai.data.readers import SUFFIXES, read_image
+
+__all__ = [
+    "COMMON_OPTIONS",
+    "DATASETS",
+    "DEFAULTS",
+    "Discovery",
+    "FoundCase",
+    "discover",
+    "index_dataset",
+    "intensity_properties",
+]
+
+DATASETS: tuple[str, ...] = ("segrap2023", "lnq2023", "radcure", "nnunet")
+
+#: Layout options per dataset and their defaults (mirrored in ``data_manifests/<dataset>.json`` ``index.defaults``).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "segrap2023": {"case_glob": "segrap_*", "image_file": "image.nii.gz", "label_file": "GTVnd.nii.gz"},
+    "lnq2023": {"image_glob": "**/*-ct.nrrd", "image_suffix": "-ct.nrrd", "label_suffix": "-seg.nrrd"},
+    "radcure": {"mask_dir": None, "mask_pattern": "{case}.nii.gz"},
+    "nnunet": {},
+}
+#: Options every dataset accepts.
+COMMON_OPTIONS = {"label_dir": None}
+
+_LN_LABELS = {"0": "background", "1": "lymph_node"}
+
+
+@dataclass(frozen=True)
+class FoundCase:
+    """One case found in a download: absolute image path (file or DICOM folder) and label path."""
+
+    case_id: str
+    image: Path
+    label: Path
+    split: str = "training"
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover` found: usable cases, skipped ones with the reason, label names and notes."""
+
+    cases: list[FoundCase] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=lambda: dict(_LN_LABELS))
+    notes: list[str] = field(default_factory=list)
+
+
+def discover(folder: str | os.PathLike[str], dataset: str, **options: Any) -> Discovery:
+    """Find the cases of ``dataset`` under ``folder``.
+
+    Args:
+        folder: the download's folder (see the module docstring for each layout).
+        dataset: one of :data:`DATASETS`.
+        **options: layout options of the dataset (:data:`DEFAULTS`) plus ``label_dir``; None keeps the default.
+
+    Raises:
+        ValueError: unknown dataset or option, or no case found (the message says what was looked for).
+        FileNotFoundError: ``folder`` does not exist.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
+    allowed = {**DEFAULTS[dataset], **COMMON_OPTIONS}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"option(s) {', '.join(unknown)} do not apply to {dataset}; its options: {', '.join(sorted(allowed))}"
+        )
+    opts = {**allowed, **{k: v for k, v in options.items() if v is not None}}
+    found = {"segrap2023": _segrap, "lnq2023": _lnq, "radcure": _radcure, "nnunet": _nnunet}[dataset](root, opts)
+    if not found.cases:
+        reasons = "; ".join(f"{c}: {r}" for c, r in found.skipped[:5])
+        raise ValueError(
+            f"no {dataset} case with image and label found under {root} (options {opts})"
+            + (f"; skipped: {reasons}" if reasons else "")
+        )
+    return found
+
+
+def _segrap(root: Path, opts: dict[str, Any]) -> Discovery:
+    out = Discovery()
+    label_root = Path(opts["label_dir"]).expanduser().resolve() if opts["label_dir"] else root
+    folders = sorted(p for p in root.glob(opts["case_glob"]) if p.is_dir())
+    if not folders:
+        hint = "point DIR at the folder holding segrap_XXXX/"
+        out.skipped.append((str(root), f"no case folder matching {opts['case_glob']!r} ({hint})"))
+    for case_dir in folders:
+        image = case_dir / opts["image_file"]
+        label = label_root / case_dir.name / opts["label_file"]
+        if not image.is_file():
+            out.skipped.append((case_dir.name, f"no image {image}"))
+        elif not label.is_file():
+            out.skipped.append((case_dir.name, f"no nodal label {label} (set --label_file / --label_dir)"))
+        else:
+            out.cases.append(FoundCase(case_dir.name, image, label))
+    return out
+
+
+def _lnq(root: Path, opts: dict[str, Any]) -> Discovery:
+    out = Discovery()
+    suffix, label_suffix = opts["image_suffix"], opts["label_suffix"]
+    label_root = Path(opts["label_dir"]).expanduser().resolve() if opts["label_dir"] else None
+    seen: dict[str, Path] = {}
+    for image in sorted(root.glob(opts["image_glob"])):
+        if not image.is_file() or not image.name.endswith(suffix):
+            continue
+        case = image.name[: -len(suffix)]
+        label = (label_root or image.parent) / f"{case}{label_suffix}"
+        if case in seen:
+            out.skipped.append((case, f"duplicate case name: {image} and {seen[case]}"))
+        elif not label.is_file():
+            out.skipped.append((case, f"no segmentation {label}"))
+        else:
+            seen[case] = image
+            out.cases.append(FoundCase(case, image, label))
+    if not seen:
+        out.skipped.append((str(root), f"no image matching {opts['image_glob']!r} with a {label_suffix!r} partner"))
+    return out
+
+
+def _dicom_ct_series(patient: Path) -> tuple[Path | None, str]:
+    """The folder of the CT series with the most files under ``patient`` (any depth), or a reason."""
+    best: tuple[int, str, Path] | None = None
+    other_modalities: set[str] = set()
+    reader = sitk.ImageFileReader()
+    for dirpath, _dirs, files in os.walk(patient):
+        if not files:
+            continue
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(dirpath):
+            names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(dirpath, uid)
+            reader.SetFileName(names[0])
+            try:
+                reader.ReadImageInformation()
+                modality = reader.GetMetaData("0008|0060").strip() if reader.HasMetaDataKey("0008|0060") else ""
+            except RuntimeError:
+                continue
+            if modality != "CT":
+                other_modalities.add(modality or "unknown")
+                continue
+            candidate = (len(names), dirpath, Path(dirpath))
+            if best is None or candidate[:2] > best[:2]:
+                best = candidate
+    if best is None:
+        seen = f" (found modalities {', '.join(sorted(other_modalities))})" if other_modalities else ""
+        return None, f"no DICOM CT series under {patient}{seen}"
+    return best[2], ""
+
+
+def _radcure(root: Path, opts: dict[str, Any]) -> Discovery:
+    out = Discovery()
+    pattern: str = opts["mask_pattern"]
+    if "{case}" not in pattern:
+        raise ValueError(f"mask_pattern must contain '{{case}}', got {pattern!r}")
+    if not pattern.lower().endswith(SUFFIXES):
+        raise ValueError(
+            f"mask_pattern {pattern!r}: masks must be NIfTI, NRRD or MetaImage files ({', '.join(SUFFIXES)}); "
+            "DICOM-SEG and RTSTRUCT masks are not supported - convert them to a label volume on the CT grid first"
+        )
+    mask_root = Path(opts["mask_dir"] or opts["label_dir"] or root).expanduser().resolve()
+    patients = sorted(p for p in root.iterdir() if p.is_dir() and p.resolve() != mask_root)
+    for patient in patients:
+        series, reason = _dicom_ct_series(patient)
+        mask = mask_root / pattern.format(case=patient.name)
+        if series is None:
+            out.skipped.append((patient.name, reason))
+        elif not mask.is_file():
+            out.skipped.append((patient.name, f"no LN mask {mask} (set --mask_dir / --mask_pattern)"))
+        else:
+            out.cases.append(FoundCase(patient.name, series, mask))
+    if not patients:
+        out.skipped.append((str(root), "no patient folders"))
+    return out
+
+
+def _nnunet(root: Path, opts: dict[str, Any]) -> Discovery:
+    out = Discovery()
+    meta_path = root / "dataset.json"
+    meta: dict[str, Any] = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
+    else:
+        out.notes.append(f"no {meta_path}: file ending and labels guessed")
+    ending = meta.get("file_ending")
+    if ending is None:
+        names = [p.name for p in (root / "imagesTr").glob("*_0000.*")]
+        ending = next((s for s in SUFFIXES if names and all(n.endswith(s) for n in names)), ".nii.gz")
+    channels = meta.get("channel_names") or meta.get("modality") or {}
+    if len(channels) > 1:
+        first = channels.get("0", "?")
+        out.notes.append(f"dataset.json lists {len(channels)} channels; only channel 0000 ({first}) is used")
+    labels = meta.get("labels")
+    if isinstance(labels, dict) and labels:
+        if all(str(k).isdigit() for k in labels):  # nnU-Net v1: {"0": "background", ...}
+            out.labels = {str(k): str(v) for k, v in labels.items()}
+        else:  # nnU-Net v2: {"background": 0, ...}; region labels (lists) are not plain label values
+            out.labels = {str(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+    label_root = Path(opts["label_dir"]).expanduser().resolve() if opts["label_dir"] else root
+    for split, img_dir, lab_dir in (("training", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
+        for image in sorted((root / img_dir).glob(f"*_0000{ending}")):
+            case = image.name[: -len(f"_0000{ending}")]
+            label = label_root / lab_dir / f"{case}{ending}"
+            if label.is_file():
+                out.cases.append(FoundCase(case, image, label, split))
+            elif split == "training":
+                out.skipped.append((case, f"no label {label}"))
+            else:
+                out.skipped.append((case, f"test image without label {label}: left out (evaluation needs labels)"))
+    if not any(c.split == "training" for c in out.cases):
+        out.skipped.append((str(root), f"no imagesTr/<case>_0000{ending} with labelsTr/<case>{ending}"))
+    return out
+
+
+def intensity_properties(
+    cases: Sequence[FoundCase | dict[str, Any]],
+    base_dir: str | os.PathLike[str] | None = None,
+    samples_per_case: int = 10_000,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float] | None:
+    """nnU-Net's CT fingerprint over ``cases``: percentiles 0.5 / 99.5, mean and std of labelled voxels.
+
+    Args:
+        cases: :class:`FoundCase` objects or datalist entries (``image`` / ``label`` paths, relative ones
+            resolved against ``base_dir``).
+        base_dir: folder that relative paths are relative to.
+        samples_per_case: at most this many foreground voxels per case, drawn with a seeded generator
+            (nnU-Net samples too; it keeps the pass fast and memory flat).
+        seed: sampling seed.
+        progress: called with one line per case (e.g. ``print``).
+
+    Returns:
+        The four statistics, or None when no case has a labelled voxel.
+
+    Raises:
+        ValueError: an image and its label differ in size (run ``dgst-monai data check`` first).
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    values: list[np.ndarray] = []
+    for i, case in enumerate(cases):
+        if isinstance(case, FoundCase):
+            cid, image_path, label_path = case.case_id, case.image, case.label
+        else:
+            cid = str(case.get("case_id", f"#{i}"))
+            image_path, label_path = base / case["image"], base / case["label"]
+        image = sitk.GetArrayFromImage(read_image(image_path))
+        label = sitk.GetArrayFromImage(read_image(label_path))
+        if image.shape != label.shape:
+            raise ValueError(
+                f"case {cid}: image {image_path} has shape {image.shape[::-1]} but label {label_path} has "
+                f"{label.shape[::-1]}; run `dgst-monai data check` on the datalist"
+            )
+        fg = np.asarray(image[label > 0], dtype=np.float64)
+        if fg.size > samples_per_case:
+            fg = np.random.default_rng([seed, i]).choice(fg, samples_per_case, replace=False)
+        values.append(fg)
+        if progress is not None:
+            progress(f"  intensity: {cid} ({fg.size} foreground voxels sampled)")
+    v = np.concatenate(values) if values else np.zeros(0)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    return {
+        "percentile_00_5": float(np.percentile(v, 0.5)),
+        "percentile_99_5": float(np.percentile(v, 99.5)),
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+    }
+
+
+def index_dataset(
+    folder: str | os.PathLike[str],
+    dataset: str,
+    output: str | os.PathLike[str],
+    absolute: bool = False,
+    samples_per_case: int = 10_000,
+    seed: int = 0,
+    verbose: bool = True,
+    **options: Any,
+) -> tuple[Path, Discovery]:
+    """Find the cases, compute the intensity fingerprint and write the datalist JSON (atomically).
+
+    Args:
+        folder: the download's folder.
+        dataset: one of :data:`DATASETS`.
+        output: datalist path to write.
+        absolute: write absolute paths (default: relative to the datalist's folder).
+        samples_per_case: foreground voxels sampled per case for ``intensity_properties``.
+        seed: sampling seed.
+        verbose: print skipped cases and progress to stderr.
+        **options: layout options (see :func:`discover`).
+
+    Returns:
+        The datalist path and the discovery (cases, skipped cases, notes).
+    """
+    found = discover(folder, dataset, **options)
+    say: Callable[[str], None] | None = (lambda m: print(m, file=sys.stderr)) if verbose else None
+    if say is not None:
+        for case, reason in found.skipped:
+            say(f"skipped {case}: {reason}")
+        for note in found.notes:
+            say(f"note: {note}")
+    out = Path(output).expanduser()
+    out_dir = out.resolve().parent
+
+    def where(path: Path) -> str:
+        return str(path) if absolute else os.path.relpath(path, out_dir)
+
+    lists: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
+    for case in found.cases:
+        lists[case.split].append({"case_id": case.case_id, "image": where(case.image), "label": where(case.label)})
+    training = [c for c in found.cases if c.split == "training"]
+    props = intensity_properties(training, samples_per_case=samples_per_case, seed=seed, progress=say)
+    if props is None and say is not None:
+        say("warning: no labelled voxel in any training case: intensity_properties is null")
+    datalist: dict[str, Any] = {
+        "name": dataset,
+        "dataset": dataset,
+        "description": f"{dataset} cases indexed from {Path(folder).expanduser().resolve()} by `dgst-monai data index`",
+        "root": str(Path(folder).expanduser().resolve()),
+        "paths": "absolute" if absolute else "relative to this file's folder",
+        "index_options": {**DEFAULTS[dataset], **{k: v for k, v in options.items() if v is not None}},
+        "labels": found.labels,
+        "modality": {"0": "CT"},
+        "intensity_properties": props,
+        "intensity_sampling": {"samples_per_case": samples_per_case, "seed": seed, "cases": len(training),
+                               "over": "voxels with label > 0 in the training cases"},
+        "skipped": [{"case": c, "reason": r} for c, r in found.skipped],
+        "numTraining": len(lists["training"]),
+        "numTest": len(lists["test"]),
+        "training": lists["training"],
+        "test": lists["test"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(datalist, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out, found
