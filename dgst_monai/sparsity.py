@@ -219,20 +219,18 @@ class SparseUpdate:
             if param.grad is not None:
                 param.grad.mul_(mask)
             if self.update == "strict":
-                snap = self._snapshots.get(name)
-                if snap is None:  # allocated once, reused every step
-                    snap = self._snapshots[name] = torch.empty_like(param)
-                snap.copy_(param)
-        self._masks = masks
+                # taken after backward and dropped after the step, so it never adds to the activation peak
+                self._snapshots[name] = param.detach().clone()
+        self._masks = masks if self.update == "strict" else None
 
     @torch.no_grad()
     def after_step(self) -> None:
         """In strict mode, put every unselected entry back to its value before the step, bit for bit."""
-        if self.update != "strict" or self._masks is None:
-            return
-        for name in self.sparse:
-            param = self.params[name]
-            param.copy_(torch.where(self._masks[name], param, self._snapshots[name]))
+        if self._masks is not None:
+            for name in self.sparse:
+                param = self.params[name]
+                torch.where(self._masks[name], param, self._snapshots[name], out=param)
+        self._snapshots.clear()
         self._masks = None
 
 

@@ -69,7 +69,7 @@ class DGSTHandler:
         self.logger = logging.getLogger(__name__)
         self._selector: Selector | None = None
         self._sparse_update: SparseUpdate | None = None
-        self._last_masks: dict[str, torch.Tensor] | None = None
+        self._kept: torch.Tensor | None = None  # entries updated at the last step, on the device
         self._trainable: list[nn.Parameter] = []
         self._total = 0
 
@@ -119,8 +119,10 @@ class DGSTHandler:
             torch.nn.utils.clip_grad_norm_(self._trainable, self.clip_grad_norm)
         if self._selector is None or self._sparse_update is None:
             return
-        self._last_masks = self._selector()
-        self._sparse_update.before_step(self._last_masks)
+        masks = self._selector()
+        self._sparse_update.before_step(masks)
+        # a device scalar, so no host sync here and no masks kept alive between steps
+        self._kept = torch.stack([m.sum() for m in masks.values()]).sum()
 
     def _after_step(self, engine: Engine) -> None:
         if self._sparse_update is not None:
@@ -128,10 +130,9 @@ class DGSTHandler:
 
     def updated_fraction(self) -> float:
         """Fraction of all parameter entries updated at the last step (one host sync: call it rarely)."""
-        if self._last_masks is None:
+        if self._kept is None:
             return sum(p.numel() for p in self._trainable) / max(self._total, 1)
-        kept = torch.stack([m.sum() for m in self._last_masks.values()]).sum()
-        return float(kept) / max(self._total, 1)
+        return float(self._kept) / max(self._total, 1)
 
     def _log_fraction(self, engine: Engine) -> None:
         fraction = self.updated_fraction()

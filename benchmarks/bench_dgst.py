@@ -1,0 +1,614 @@
+"""Speed and memory of the DGST engine against full fine-tuning and the released trainer's construction.
+
+Runs an nnU-Net-sized MONAI DynUNet (3D, 1 input channel, 2 classes, filters 32-64-128-256-320-320, kernel 3,
+strides [1,2,2,2,2,2], instance norm with affine, deep supervision) with DiceCE deep-supervision loss and
+nnU-Net's SGD (lr 1e-3, momentum 0.99, Nesterov, weight decay 3e-5), on a fixed synthetic batch, and measures:
+
+1. Iteration time of each mode, side by side in one process, modes interleaved round-robin so that machine
+   drift hits all of them equally. Each mode has its own copy of the network (same initial weights) and its own
+   optimizer. One iteration is::
+
+       zero_grad -> forward + loss -> backward -> clip_grad_norm_(params, 12)
+         -> selection -> SparseUpdate.before_step(masks) -> optimizer.step() -> SparseUpdate.after_step()
+
+   ``full`` skips selection and masking. ``dgst-strict`` / ``dgst-gradient`` use
+   :class:`dgst_monai.sparsity.GradientSelector` and :class:`dgst_monai.sparsity.SparseUpdate` in the two update
+   modes; ``released-gN`` masks gradients with a re-implementation of the released trainer's construction
+   (:func:`released_masks`). A ``-gN`` suffix sets gamma (default 1).
+2. The selection alone, on the same real gradients (one backward of the network): ``GradientSelector()``
+   against :func:`released_masks`, median over repeats, gamma 1 and 2, and whether both select the same entries.
+3. Peak memory of each mode, each in a fresh subprocess (peak RSS only grows within a process): after set-up
+   the peak RSS is reset to the current RSS (``/proc/self/clear_refs``), then the growth of the peak RSS over
+   that RSS during ``--memory-iterations`` iterations is the mode's peak training memory. Measured twice: with
+   glibc malloc as is, and with a fixed 64 KiB mmap threshold so that freed tensors leave the RSS at once and
+   the peak follows live tensors rather than heap fragmentation.
+
+Usage::
+
+    python benchmarks/bench_dgst.py --json bench.json             # nnU-Net-sized, about 10-15 min on 2 CPU cores
+    python benchmarks/bench_dgst.py --preset tiny                  # smoke run, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import DynUNet
+from torch import nn
+
+from dgst_monai.losses import StackedDeepSupervisionLoss
+from dgst_monai.sparsity import GradientSelector, SparseUpdate
+
+PRESETS: dict[str, dict] = {
+    # nnU-Net-sized: what the acceptance item asks for
+    "nnunet": {"filters": [32, 64, 128, 256, 320, 320], "patch": [64, 96, 96], "iterations": 5, "warmup": 1},
+    # smoke run
+    "tiny": {
+        "filters": [8, 16, 32, 64],
+        "patch": [32, 48, 48],
+        "iterations": 3,
+        "warmup": 1,
+        "selection_repeats": 5,
+        "released_repeats": 3,
+    },
+}
+DEFAULT_MODES = "full,dgst-strict,dgst-gradient,dgst-strict-g2,dgst-gradient-g2,released-g2"
+PHASES = ("zero_grad", "forward_loss", "backward", "clip", "select", "before_step", "step", "after_step")
+CLIP = 12.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The released trainer's mask construction, re-implemented from its description (BRIEF section 2)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def released_masks(sparse: dict[str, nn.Parameter], gamma: int) -> dict[str, torch.Tensor]:
+    """One-hot top-gamma masks as the released trainer builds them (float, 1 at kept entries).
+
+    Each gradient is viewed as ``(shape[0], -1)``; every pass ``k < gamma`` fully argsorts ``|grad|`` of each row
+    (descending) again and adds the row of ``torch.eye(row_length)`` indexed by the k-th index.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    for name, param in sparse.items():
+        if param.grad is None:
+            masks[name] = torch.zeros_like(param)
+            continue
+        rows = param.grad.reshape(param.shape[0], -1)
+        eye = torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
+        mask = torch.zeros_like(rows)
+        for k in range(gamma):
+            order = torch.argsort(rows.abs(), dim=1, descending=True)  # re-sorted every pass, as released
+            mask += eye[order[:, k]]
+        masks[name] = mask.view_as(param)
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    kind: str  # full | dgst | released
+    update: str | None  # strict | gradient (dgst, released)
+    gamma: int
+
+
+def parse_mode(name: str) -> Mode:
+    m = re.fullmatch(r"(full|dgst-strict|dgst-gradient|released)(?:-g(\d+))?", name)
+    if m is None:
+        raise ValueError(f"unknown mode {name!r}: use full, dgst-strict[-gN], dgst-gradient[-gN] or released[-gN]")
+    base, gamma = m.group(1), int(m.group(2) or 1)
+    if base == "full":
+        return Mode(name, "full", None, 1)
+    if base == "released":
+        return Mode(name, "released", "gradient", gamma)
+    return Mode(name, "dgst", base.split("-")[1], gamma)
+
+
+def build_network(args: argparse.Namespace) -> nn.Module:
+    n = len(args.filters)
+    strides = [1] + [2] * (n - 1)
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        kernel_size=[3] * n,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=args.filters,
+        norm_name=("INSTANCE", {"affine": True}),
+        deep_supervision=True,
+        deep_supr_num=args.deep_supr_num,
+        res_block=False,
+    )
+
+
+def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed synthetic batch: noisy image with a bright ellipsoid, its label the ellipsoid."""
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch, 1, *args.patch)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, s) for s in args.patch], indexing="ij"))
+    labels = []
+    for _ in range(args.batch):
+        centre = (torch.rand(3, generator=g) - 0.5) * 0.6
+        radius = 0.2 + 0.3 * torch.rand(3, generator=g)
+        inside = (((grid - centre.view(3, 1, 1, 1)) / radius.view(3, 1, 1, 1)) ** 2).sum(0) <= 1
+        labels.append(inside)
+    label = torch.stack(labels).unsqueeze(1).float()
+    image = label * 2.0 + torch.randn(shape, generator=g)
+    return image, label
+
+
+def make_loss() -> nn.Module:
+    return StackedDeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
+
+
+class Runner:
+    """One mode: its own network copy, optimizer, selector and sparse update; times each phase of an iteration."""
+
+    def __init__(self, mode: Mode, model: nn.Module, loss: nn.Module) -> None:
+        self.mode, self.model, self.loss = mode, model.train(), loss
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        self.select: Callable[[], dict[str, torch.Tensor]] | None = None
+        self.update: SparseUpdate | None = None
+        if mode.kind != "full":
+            selector = GradientSelector(model, gamma=mode.gamma)
+            if mode.kind == "dgst":
+                self.select = selector
+            else:
+                sparse = selector.sparse  # the same kernels as ours, so both modes mask the same tensors
+                self.select = lambda: released_masks(sparse, mode.gamma)
+            self.update = SparseUpdate(dict(model.named_parameters()), selector.sparse, update=mode.update)
+
+    def iteration(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+        t: dict[str, float] = {}
+        clock = time.perf_counter
+        t0 = clock()
+        self.optimizer.zero_grad(set_to_none=True)
+        t1 = clock()
+        value = self.loss(self.model(image), label)
+        t2 = clock()
+        value.backward()
+        t3 = clock()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        t4 = clock()
+        masks = self.select() if self.select is not None else None
+        t5 = clock()
+        if self.update is not None:
+            self.update.before_step(masks)
+        t6 = clock()
+        self.optimizer.step()
+        t7 = clock()
+        if self.update is not None:
+            self.update.after_step()
+        t8 = clock()
+        del masks
+        stamps = (t0, t1, t2, t3, t4, t5, t6, t7, t8)
+        t = {phase: stamps[i + 1] - stamps[i] for i, phase in enumerate(PHASES)}
+        t["total"] = t8 - t0
+        t["loss"] = float(value.detach())
+        return t
+
+    def release_grads(self) -> None:
+        """Free this mode's gradients between its iterations (untimed), so idle modes hold no gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def rss_kib() -> int:
+    return _status_kib("VmRSS")
+
+
+def maxrss_kib() -> int:
+    """Peak RSS of this process's own address space (``VmHWM``).
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: across ``exec`` that keeps the high-water mark of the forked parent's
+    address space, so a subprocess started by a big benchmark process would report the parent's peak.
+    """
+    try:
+        return _status_kib("VmHWM")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``).
+
+    Without it the peak of importing torch/MONAI and building the network (which exceeds a small network's
+    training peak) would hide the training peak. Resets ``VmHWM``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The three measurements
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench_time(args: argparse.Namespace, modes: list[Mode]) -> dict:
+    torch.manual_seed(args.seed)
+    base = build_network(args)
+    image, label = make_batch(args)
+    runners = [Runner(m, copy.deepcopy(base), make_loss()) for m in modes]
+    del base
+    raw: dict[str, list[dict[str, float]]] = {m.name: [] for m in modes}
+    rounds = args.warmup + args.iterations
+    for r in range(rounds):
+        for runner in runners:  # round-robin: full, dgst-strict, dgst-gradient, ... then again
+            t = runner.iteration(image, label)
+            runner.release_grads()
+            if r >= args.warmup:
+                raw[runner.mode.name].append(t)
+            tag = "warm-up" if r < args.warmup else f"{r - args.warmup + 1}/{args.iterations}"
+            log(f"[time {tag}] {runner.mode.name:<18} {t['total']:8.3f} s  (select {t['select']:.3f} s)")
+    summary = {}
+    full_raw = raw.get("full")
+    full = median([t["total"] for t in full_raw]) if full_raw else float("nan")
+    for m in modes:
+        phases = {p: median([t[p] for t in raw[m.name]]) for p in (*PHASES, "total")}
+        added = phases["select"] + phases["before_step"] + phases["after_step"]
+        summary[m.name] = {
+            "median": phases,
+            # ratio of medians
+            "ratio_to_full": phases["total"] / full,
+            # median over rounds of (this mode / full in the same round): drift within a round cancels
+            "paired_ratio": median([a["total"] / b["total"] for a, b in zip(raw[m.name], full_raw)])
+            if full_raw
+            else float("nan"),
+            # 1 + the work DGST adds (selection, masking/snapshot, restore) over full's iteration: the
+            # forward/backward noise of a loaded machine does not enter it
+            "added_s": added,
+            "added_ratio": 1 + added / full,
+        }
+    return {"raw": raw, "summary": summary}
+
+
+def bench_selection(args: argparse.Namespace) -> dict:
+    """Ours vs the released construction on the same real gradients of one backward, per thread count.
+
+    Also times the update side on those gradients (``before_step``, ``optimizer.step()``, ``after_step``) in
+    each update mode, which with the selection is all the work DGST adds to an iteration.
+    """
+    torch.manual_seed(args.seed)
+    model = build_network(args).train()
+    image, label = make_batch(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    make_loss()(model(image), label).backward()
+    torch.nn.utils.clip_grad_norm_(params, CLIP)
+    default_threads = torch.get_num_threads()
+    out: dict = {}
+    for threads in args.selection_threads:
+        torch.set_num_threads(threads or default_threads)
+        key = f"threads{torch.get_num_threads()}"
+        out[key] = {gamma_key: res for gamma_key, res in _selection_at(args, model).items()}
+        out[key]["update"] = _update_at(args, model)
+    torch.set_num_threads(default_threads)
+    return out
+
+
+def _selection_at(args: argparse.Namespace, model: nn.Module) -> dict:
+    out: dict = {}
+    threads = torch.get_num_threads()
+    for gamma in args.selection_gammas:
+        selector = GradientSelector(model, gamma=gamma)
+        ours_t, released_t = [], []
+        ours = selector()  # warm-up
+        for _ in range(args.selection_repeats):
+            t0 = time.perf_counter()
+            ours = selector()
+            ours_t.append(time.perf_counter() - t0)
+        for _ in range(args.released_repeats):
+            t0 = time.perf_counter()
+            released = released_masks(selector.sparse, gamma)
+            released_t.append(time.perf_counter() - t0)
+            log(f"[select {threads} threads g{gamma}] released {released_t[-1]:.3f} s")
+        kept_ours = sum(int(ours[n].sum()) for n in selector.sparse)
+        kept_rel = sum(int((released[n] > 0).sum()) for n in selector.sparse)
+        same = sum(int((ours[n] & (released[n] > 0)).sum()) for n in selector.sparse)
+        total = sum(p.numel() for p in selector.sparse.values())
+        widest = max(selector.sparse.values(), key=lambda p: p[0].numel())
+        out[f"gamma{gamma}"] = {
+            "ours_s": ours_t,
+            "released_s": released_t,
+            "ours_median_s": median(ours_t),
+            "released_median_s": median(released_t),
+            "speedup": median(released_t) / median(ours_t),
+            "kept_ours": kept_ours,
+            "kept_released": kept_rel,
+            "kept_by_both": same,
+            "sparse_entries": total,
+            "sparse_tensors": len(selector.sparse),
+            "widest_row": widest[0].numel(),
+        }
+        del released
+        log(
+            f"[select {threads} threads g{gamma}] ours {median(ours_t) * 1e3:.1f} ms, released "
+            f"{median(released_t):.3f} s, x{median(released_t) / median(ours_t):.0f}; same entries {same}/{kept_ours}"
+        )
+    return out
+
+
+def _update_at(args: argparse.Namespace, model: nn.Module) -> dict:
+    """Median time of the update side (before_step + step + after_step) per update mode, gamma 1."""
+    named = dict(model.named_parameters())
+    grads = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+    weights = {n: p.detach().clone() for n, p in named.items()}
+    selector = GradientSelector(model, gamma=1)
+    out: dict = {}
+    for update in ("none", "strict", "gradient"):
+        optimizer = torch.optim.SGD(list(named.values()), lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        sparse = None if update == "none" else SparseUpdate(named, selector.sparse, update=update)
+        before, step, after = [], [], []
+        for _ in range(args.selection_repeats + 1):  # the first one allocates momentum buffers and snapshots
+            with torch.no_grad():
+                for n, g in grads.items():
+                    named[n].grad.copy_(g)
+            masks = selector()
+            t0 = time.perf_counter()
+            if sparse is not None:
+                sparse.before_step(masks)
+            t1 = time.perf_counter()
+            optimizer.step()
+            t2 = time.perf_counter()
+            if sparse is not None:
+                sparse.after_step()
+            t3 = time.perf_counter()
+            before.append(t1 - t0), step.append(t2 - t1), after.append(t3 - t2)
+        out[update] = {
+            "before_step_s": median(before[1:]),
+            "step_s": median(step[1:]),
+            "after_step_s": median(after[1:]),
+            "total_s": median([a + b + c for a, b, c in zip(before[1:], step[1:], after[1:])]),
+        }
+        log(f"[update {torch.get_num_threads()} threads] {update:<8} {out[update]}")
+    with torch.no_grad():  # leave the model as it was
+        for n, p in named.items():
+            p.copy_(weights[n])
+            if n in grads:
+                p.grad.copy_(grads[n])
+    return out
+
+
+def memory_worker(args: argparse.Namespace) -> dict:
+    """In a fresh process: peak RSS growth of ``args.memory_worker`` over ``args.memory_iterations`` iterations."""
+    mode = parse_mode(args.memory_worker)
+    torch.manual_seed(args.seed)
+    runner = Runner(mode, build_network(args), make_loss())
+    image, label = make_batch(args)
+    gc.collect()
+    max_setup = maxrss_kib()  # peak of imports and set-up, not of training
+    reset = reset_peak_rss()
+    rss0, max0 = rss_kib(), maxrss_kib()
+    per_iteration = []
+    for _ in range(args.memory_iterations):
+        runner.iteration(image, label)
+        per_iteration.append(maxrss_kib())
+    runner.release_grads()
+    return {
+        "mode": mode.name,
+        "peak_reset": reset,
+        "maxrss_setup_kib": max_setup,
+        "rss_before_kib": rss0,
+        "maxrss_before_kib": max0,
+        "maxrss_after_kib": maxrss_kib(),
+        "maxrss_per_iteration_kib": per_iteration,
+        "peak_growth_kib": maxrss_kib() - rss0,
+    }
+
+
+ALLOCATORS = {
+    # glibc as the process finds it: blocks below the (adaptive) mmap threshold are recycled in the heap, so peak
+    # RSS also depends on fragmentation
+    "default": {},
+    # every block >= 64 KiB is its own mmap, returned on free: peak RSS follows the peak of live tensors
+    "exact": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+}
+
+
+def bench_memory(args: argparse.Namespace, modes: list[Mode]) -> dict:
+    allocators = list(ALLOCATORS) if args.memory_allocator == "both" else [args.memory_allocator]
+    return {a: bench_memory_with(args, modes, a) for a in allocators}
+
+
+def bench_memory_with(args: argparse.Namespace, modes: list[Mode], allocator: str) -> dict:
+    out = {}
+    env = {**os.environ, **ALLOCATORS[allocator]}
+    forwarded = [
+        "--filters", *map(str, args.filters), "--patch", *map(str, args.patch), "--batch", str(args.batch),
+        "--deep-supr-num", str(args.deep_supr_num), "--seed", str(args.seed),
+        "--memory-iterations", str(args.memory_iterations),
+    ]
+    if args.threads:
+        forwarded += ["--threads", str(args.threads)]
+    for m in modes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", m.name, *forwarded]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker {m.name} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[m.name] = res
+        log(
+            f"[memory {allocator}] {m.name:<18} peak growth {res['peak_growth_kib'] / 1024:8.1f} MiB "
+            f"(peak RSS {res['maxrss_after_kib'] / 1024:.1f} MiB, {time.perf_counter() - t0:.0f} s)"
+        )
+    if "full" in out:
+        for res in out.values():
+            res["growth_ratio_to_full"] = res["peak_growth_kib"] / out["full"]["peak_growth_kib"]
+            res["peak_ratio_to_full"] = res["maxrss_after_kib"] / out["full"]["maxrss_after_kib"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def report(result: dict) -> str:
+    lines = []
+    cfg = result["config"]
+    lines.append(
+        f"network: DynUNet filters {cfg['filters']}, patch {cfg['patch']}, batch {cfg['batch']}, "
+        f"deep_supr_num {cfg['deep_supr_num']}, {cfg['parameters'] / 1e6:.2f} M parameters; "
+        f"torch {cfg['torch']}, {cfg['threads']} threads, {cfg['cpus']} CPUs"
+    )
+    if "time" in result:
+        lines += ["", "| mode | median iteration (s) | ratio to full | paired ratio | select (s) | before_step (s) "
+                  "| step (s) | after_step (s) | 1 + added / full |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, s in result["time"]["summary"].items():
+            md = s["median"]
+            lines.append(
+                f"| {name} | {md['total']:.3f} | {s['ratio_to_full']:.3f} | {s['paired_ratio']:.3f} | "
+                f"{md['select']:.4f} | {md['before_step']:.4f} | {md['step']:.4f} | {md['after_step']:.4f} | "
+                f"{s['added_ratio']:.4f} |"
+            )
+    if "selection" in result:
+        lines += ["", "| threads | gamma | ours median (s) | released median (s) | speed-up | same entries |",
+                  "|---|---|---|---|---|---|"]
+        for threads, per_gamma in result["selection"].items():
+            for key, s in per_gamma.items():
+                if key.startswith("gamma"):
+                    lines.append(
+                        f"| {threads[7:]} | {key[5:]} | {s['ours_median_s']:.4f} | {s['released_median_s']:.3f} | "
+                        f"{s['speedup']:.0f}x | {s['kept_by_both']}/{s['kept_ours']} |"
+                    )
+        lines += ["", "| threads | update | before_step (s) | step (s) | after_step (s) | total (s) |",
+                  "|---|---|---|---|---|---|"]
+        for threads, per_gamma in result["selection"].items():
+            for update, s in per_gamma["update"].items():
+                lines.append(
+                    f"| {threads[7:]} | {update} | {s['before_step_s']:.4f} | {s['step_s']:.4f} | "
+                    f"{s['after_step_s']:.4f} | {s['total_s']:.4f} |"
+                )
+    for allocator, memory in result.get("memory", {}).items():
+        lines += ["", f"| mode | peak RSS growth (MiB), {allocator} malloc | ratio to full | peak RSS (MiB) "
+                  "| ratio to full |", "|---|---|---|---|---|"]
+        for name, s in memory.items():
+            lines.append(
+                f"| {name} | {s['peak_growth_kib'] / 1024:.1f} | {s.get('growth_ratio_to_full', float('nan')):.3f} | "
+                f"{s['maxrss_after_kib'] / 1024:.1f} | {s.get('peak_ratio_to_full', float('nan')):.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="nnunet", help="network size and default counts")
+    p.add_argument("--filters", type=int, nargs="+", help="DynUNet filters per level (strides [1, 2, 2, ...])")
+    p.add_argument("--patch", type=int, nargs=3, help="patch size D H W")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--deep-supr-num", type=int, help="DynUNet deep-supervision heads (default min(3, levels - 2))")
+    p.add_argument("--iterations", type=int, help="timed iterations per mode (default: preset's)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up rounds (default: preset's)")
+    p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, interleaved in this order ({DEFAULT_MODES})")
+    p.add_argument("--selection-gammas", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--selection-threads", type=int, nargs="+", default=[0, 1],
+                   help="thread counts for the selection benchmark (0: torch's default); one thread is immune to\n"
+                   "the OpenMP barrier waits that many small kernels suffer on a shared machine")
+    p.add_argument("--selection-repeats", type=int, help="repeats of our selection (default 9)")
+    p.add_argument("--released-repeats", type=int, help="repeats of the released construction (default 5)")
+    p.add_argument("--memory-iterations", type=int, default=2, help="iterations per memory subprocess")
+    p.add_argument("--memory-allocator", choices=[*ALLOCATORS, "both"], default="both",
+                   help="glibc malloc as is, with a fixed 64 KiB mmap threshold (exact), or both")
+    p.add_argument("--memory-modes", help="modes measured for memory (default: --modes)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["time", "selection", "memory"])
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write all raw numbers here")
+    p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.filters = args.filters or preset["filters"]
+    args.patch = args.patch or preset["patch"]
+    args.iterations = args.iterations if args.iterations is not None else preset.get("iterations", 5)
+    args.warmup = args.warmup if args.warmup is not None else preset.get("warmup", 1)
+    args.selection_repeats = args.selection_repeats or preset.get("selection_repeats", 9)
+    args.released_repeats = args.released_repeats or preset.get("released_repeats", 5)
+    if args.deep_supr_num is None:
+        args.deep_supr_num = min(3, len(args.filters) - 2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args)))
+        return None
+    modes = [parse_mode(m) for m in args.modes.split(",") if m]
+    memory_modes = [parse_mode(m) for m in (args.memory_modes or args.modes).split(",") if m]
+    result: dict = {
+        "config": {
+            **{k: v for k, v in vars(args).items() if k != "memory_worker"},
+            "parameters": sum(p.numel() for p in build_network(args).parameters()),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.platform(),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        },
+        "loadavg_start": os.getloadavg(),
+    }
+    start = time.perf_counter()
+    if "time" not in args.skip:
+        result["time"] = bench_time(args, modes)
+        result["loadavg_after_time"] = os.getloadavg()
+    if "selection" not in args.skip:
+        result["selection"] = bench_selection(args)
+    if "memory" not in args.skip:
+        result["memory"] = bench_memory(args, memory_modes)
+    result["loadavg_end"] = os.getloadavg()
+    result["wall_s"] = time.perf_counter() - start
+    text = report(result)
+    print(text)
+    print(f"\nwall time {result['wall_s']:.0f} s; load average start {result['loadavg_start']}, "
+          f"end {result['loadavg_end']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
