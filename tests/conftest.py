@@ -173,3 +173,17 @@ def dynunet_roles() -> SimpleNamespace:
         is_norm=is_dynunet_norm,
         is_bias=is_dynunet_bias,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_ct(tmp_path_factory) -> SimpleNamespace:
+    """Tiny synthetic CT datasets (64 x 64 x 32 mm, 3 cases each: 2 training, 1 test): ``hn`` and
+    ``mediastinum`` datalist paths, shared by the bundle tests of the session."""
+    from dgst_monai.data import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny_ct")
+    knobs = {"fov_mm": (64.0, 64.0, 32.0), "n_nodes": (2, 4)}
+    return SimpleNamespace(
+        hn=str(write_synthetic_dataset(root / "hn", "hn", n=3, seed=0, **knobs)),
+        mediastinum=str(write_synthetic_dataset(root / "mediastinum", "mediastinum", n=3, seed=1, **knobs)),
+    )

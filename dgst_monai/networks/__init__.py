@@ -25,6 +25,7 @@ register_network(
 # The model zoo by name, the nnU-Net-style planner and the nnU-Net import. Their DynUNet subclasses
 # (ResidualEncoderDynUNet, NNUNetDynUNet) inherit DynUNet's layout above; no registration needed.
 from dgst_monai.networks.factory import NETWORKS, build_network  # noqa: E402
+from dgst_monai.networks.inference import InferenceDynUNet  # noqa: E402
 from dgst_monai.networks.nnunet_import import NNUNetDynUNet, export_nnunet, import_nnunet  # noqa: E402
 from dgst_monai.networks.planner import DynUNetPlan, ResidualEncoderDynUNet, plan_dynunet, plan_preset  # noqa: E402
 from dgst_monai.networks.swinunetr import build_swinunetr  # noqa: E402

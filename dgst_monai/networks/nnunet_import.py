@@ -60,6 +60,8 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock, Un
 from monai.networks.nets import DynUNet
 from torch import nn
 
+from dgst_monai.networks.inference import drop_deep_supervision_heads_on_load
+
 __all__ = [
     "NNUNetDynUNet",
     "NNUNetImportError",
@@ -86,6 +88,10 @@ class NNUNetDynUNet(DynUNet):
     * The decoder stage at resolution level ``l`` uses ``kernel_size[l]`` (nnU-Net), not ``kernel_size[l + 1]``
       (stock DynUNet).
 
+    Built without deep supervision (inference, TorchScript export), it loads the deep-supervised training
+    checkpoint strictly, dropping only the extra heads
+    (:func:`dgst_monai.networks.inference.drop_deep_supervision_heads_on_load`).
+
     Args:
         conv_bias: biases in the block convolutions.
         trans_bias: biases in the transposed convolutions.
@@ -102,6 +108,9 @@ class NNUNetDynUNet(DynUNet):
 
     def __init__(self, *args: Any, conv_bias: bool = True, trans_bias: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, trans_bias=trans_bias, **kwargs)
+        if not self.deep_supervision:
+            # inference / export network: load the deep-supervised training checkpoint without its extra heads
+            drop_deep_supervision_heads_on_load(self)
         self.conv_bias = conv_bias
         if conv_bias:
             for module in self.modules():

@@ -1,0 +1,134 @@
+"""Inference keeps the input's exact geometry, and test-time mirroring averages probabilities over flips."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from bundle_support import BUNDLES, TINY_NETWORK
+from monai.bundle import ConfigParser
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+from dgst_monai.inferers import MirroringInferer
+from dgst_monai.normalization import save_normalization
+from dgst_monai.predict import find_inputs, mask_path, predict
+
+
+def _rotation(ax: float, az: float) -> np.ndarray:
+    """A rotation about x by ``ax`` then about z by ``az`` (radians), as a 3x3 direction matrix."""
+    cx, sx, cz, sz = math.cos(ax), math.sin(ax), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ rx
+
+
+#: (name, size, spacing, origin, direction) of the test inputs, in SimpleITK's LPS world.
+CASES = [
+    ("anisotropic_lps", (40, 36, 10), (0.7, 0.9, 3.0), (-20.0, 15.5, -102.25), np.eye(3)),
+    ("ras_axes", (36, 40, 12), (0.8, 0.8, 2.5), (25.0, 30.0, 40.0), np.diag([-1.0, -1.0, 1.0])),
+    ("oblique", (38, 34, 11), (0.75, 0.85, 2.0), (-5.5, 7.25, 60.0), _rotation(math.radians(12), math.radians(25))),
+    ("permuted_axes", (12, 40, 36), (3.0, 0.8, 0.9), (1.0, -2.0, 3.0), np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0.0]])),
+]
+
+
+def _write_ct(path, size, spacing, origin, direction) -> None:
+    rng = np.random.default_rng(0)
+    array = rng.normal(40.0, 30.0, size=size[::-1]).astype(np.int16)  # SimpleITK arrays are (z, y, x)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(tuple(float(v) for v in np.asarray(direction).ravel()))
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny DynUNet training checkpoint with its normalisation file."""
+    folder = tmp_path_factory.mktemp("model")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "ln_ct_dynunet" / "configs" / "train.json"))
+    for key, value in TINY_NETWORK["ln_ct_dynunet"].items():
+        parser[key] = value
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
+    save_normalization(folder, {"a_min": -100.0, "a_max": 200.0, "b_min": -2.0, "b_max": 4.0})
+    return folder / "model.pt"
+
+
+def test_masks_keep_the_input_geometry(tiny_checkpoint, tmp_path):
+    """Anisotropic, RAS-ordered, oblique and axis-permuted NIfTI and NRRD inputs: the mask's size, spacing, origin
+    and direction equal the input's (SimpleITK, 1e-4)."""
+    inputs = []
+    (tmp_path / "in").mkdir()
+    for name, size, spacing, origin, direction in CASES:
+        for ext in (".nii.gz", ".nrrd"):
+            path = tmp_path / "in" / f"{name}_{ext.split('.')[-1]}{ext}"
+            _write_ct(path, size, spacing, origin, direction)
+            inputs.append(path)
+    outputs = predict(
+        BUNDLES / "ln_ct_dynunet", tmp_path / "in", tmp_path / "out", checkpoint=tiny_checkpoint,
+        **TINY_NETWORK["ln_ct_dynunet"],
+    )  # fmt: skip
+    assert outputs == [str(mask_path(p, tmp_path / "out")) for p in sorted(inputs)]
+    for source, output in zip(sorted(inputs), outputs):
+        image, mask = sitk.ReadImage(str(source)), sitk.ReadImage(output)
+        assert mask.GetSize() == image.GetSize(), source.name
+        np.testing.assert_allclose(mask.GetSpacing(), image.GetSpacing(), atol=1e-4, err_msg=source.name)
+        np.testing.assert_allclose(mask.GetOrigin(), image.GetOrigin(), atol=1e-4, err_msg=source.name)
+        np.testing.assert_allclose(mask.GetDirection(), image.GetDirection(), atol=1e-4, err_msg=source.name)
+        assert mask.GetPixelID() == sitk.sitkUInt8
+        assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
+
+
+def test_mirroring_flag_runs_end_to_end(tiny_checkpoint, tmp_path):
+    """``mirror=True`` (8 flips per window) writes a mask of the same geometry."""
+    _write_ct(tmp_path / "ct.nii.gz", (30, 30, 8), (0.9, 0.9, 3.0), (1.0, 2.0, 3.0), np.eye(3))
+    (output,) = predict(
+        BUNDLES / "ln_ct_dynunet", tmp_path / "ct.nii.gz", tmp_path / "out", checkpoint=tiny_checkpoint,
+        mirror=True, **TINY_NETWORK["ln_ct_dynunet"],
+    )  # fmt: skip
+    assert sitk.ReadImage(output).GetSize() == (30, 30, 8)
+
+
+def test_mirroring_inferer_averages_softmax_over_flips():
+    """softmax of the output is the mean of the flipped-back softmaxes; disabled, the logits pass through."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, kernel_size=3, padding=1)  # not flip-invariant
+    x = torch.randn(2, 1, 8, 6, 4)
+    with torch.no_grad():
+        out = MirroringInferer(SimpleInferer(), spatial_axes=(0, 2))(x, net)
+        expected = sum(
+            torch.flip(torch.softmax(net(torch.flip(x, d) if d else x), 1), d) if d else torch.softmax(net(x), 1)
+            for d in [(), (2,), (4,), (2, 4)]
+        ) / 4
+        torch.testing.assert_close(torch.softmax(out, 1), expected)
+        torch.testing.assert_close(MirroringInferer(SimpleInferer(), enabled=False)(x, net), net(x))
+        # around a sliding window: every window is mirrored, the result is still a distribution
+        windowed = MirroringInferer(SlidingWindowInferer(roi_size=(4, 4, 4), overlap=0.5))(x, net)
+        torch.testing.assert_close(torch.softmax(windowed, 1).sum(1), torch.ones(2, 8, 6, 4))
+    with pytest.raises(ValueError, match="distinct"):
+        MirroringInferer(SimpleInferer(), spatial_axes=(0, 0))
+
+
+def test_find_inputs_and_clashing_outputs(tmp_path):
+    """Folders of volumes expand to their files, other folders are DICOM series; duplicate mask names are refused."""
+    (tmp_path / "vols").mkdir()
+    (tmp_path / "series").mkdir()
+    for name in ("b.nii.gz", "a.nrrd"):
+        (tmp_path / "vols" / name).write_bytes(b"")
+    (tmp_path / "series" / "1.dcm").write_bytes(b"")
+    found = find_inputs([tmp_path / "vols", str(tmp_path / "series")])
+    assert found == [str(tmp_path / "vols" / "a.nrrd"), str(tmp_path / "vols" / "b.nii.gz"), str(tmp_path / "series")]
+    with pytest.raises(FileNotFoundError):
+        find_inputs(tmp_path / "missing.nii.gz")
+    with pytest.raises(FileNotFoundError, match="holds no scan"):
+        find_inputs(tmp_path)  # only sub-folders
+    for parent in ("x", "y"):  # two DICOM series folders of the same name
+        (tmp_path / parent / "case").mkdir(parents=True)
+        (tmp_path / parent / "case" / "1.dcm").write_bytes(b"")
+    with pytest.raises(ValueError, match="same mask file"):
+        predict(BUNDLES / "ln_ct_dynunet", [tmp_path / "x" / "case", tmp_path / "y" / "case"], tmp_path / "o",
+                checkpoint=tmp_path / "vols" / "b.nii.gz")  # fmt: skip
