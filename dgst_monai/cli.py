@@ -1,6 +1,6 @@
 """The ``dgst-monai`` command (python-fire).
 
-``demo``, ``methods``, ``import-nnunet``, ``delta export|apply``, ``data synth``. Each command is a thin call
+``demo``, ``predict``, ``methods``, ``import-nnunet``, ``delta export|apply``, ``data synth|index|check|split``. Each command is a thin call
 into the library; heavy imports happen inside the command so ``dgst-monai --help`` stays fast.
 """
 
@@ -66,6 +66,21 @@ class Commands:
         from dgst_monai.accounting import account_methods, format_table
 
         return format_table(account_methods(_network(network), gamma=gamma, steps=steps))
+
+    def predict(
+        self,
+        bundle: str,
+        input: str | list[str],  # noqa: A002 - the command's --input
+        output: str,
+        checkpoint: str | None = None,
+        mirror: bool = False,
+        preset: str | None = None,
+    ) -> str:
+        """Segment lymph nodes in CT scans (NIfTI / NRRD files, DICOM series folders) with a bundle's inference
+        config; writes ``<case>_lymph_nodes.nii.gz`` masks with each input's exact geometry into ``output``."""
+        from dgst_monai.predict import predict
+
+        return "\n".join(predict(bundle, input, output, checkpoint=checkpoint, mirror=mirror, preset=preset))
 
     def import_nnunet(self, model_folder: str, o: str = "model.pt", fold: int | str = 0) -> str:
         """Convert an nnU-Net v2 model folder (plans.json, fold_*/checkpoint_final.pth) into an
