@@ -40,7 +40,7 @@ PRESETS: dict[str, DemoPreset] = {
     "default": DemoPreset(
         source_cases=16,
         target_cases=12,
-        pretrain_epochs=20,
+        pretrain_epochs=14,
         finetune_epochs=4,
         iterations_per_epoch=25,
         phantom_knobs=_DEMO_TASK,
