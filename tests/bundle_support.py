@@ -14,23 +14,9 @@ from monai.bundle import ConfigWorkflow
 BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
 BUNDLE_NAMES = ("ln_ct_dynunet", "ln_ct_swinunetr")
 
-#: Network and patch overrides per bundle (applied to train.json and inference.json alike).
-TINY_NETWORK: dict[str, dict[str, Any]] = {
-    "ln_ct_dynunet": {
-        "spacing": [1.5, 1.5, 3.0],
-        "patch_size": [32, 32, 16],
-        "filters": [8, 16, 32, 64],
-        "kernel_size": [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-        "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
-        "deep_supr_num": 1,
-    },
-    "ln_ct_swinunetr": {
-        "spacing": [1.5, 1.5, 3.0],
-        "patch_size": [64, 64, 32],  # SwinUNETR: multiples of 32, more than one voxel at the bottleneck
-        "feature_size": 12,
-        "network_def#depths": [1, 1, 1, 1],
-    },
-}
+#: The tiny preset of each bundle's network (dgst_monai.networks PRESETS / SWINUNETR_PRESETS), for train and
+#: inference alike.
+TINY_NETWORK: dict[str, dict[str, Any]] = {name: {"preset": "tiny"} for name in BUNDLE_NAMES}
 
 #: A training run of one iteration with batch 1 (validation after it, on one held-out case).
 TINY_RUN: dict[str, Any] = {

@@ -24,9 +24,10 @@ is ``(224, 112, 80)`` here.
 
 Differences from nnU-Net, on purpose: the target patch is given (nnU-Net derives it from the median image
 shape and grows it up to the memory budget); the batch size is given (nnU-Net raises it to fill the memory);
-MONAI's DynUNet has exactly two convolutions per stage, and stock DynUNet's decoder at level ``l`` uses the
-kernel of level ``l + 1`` (nnU-Net's uses level ``l``; see
-:class:`dgst_monai.networks.nnunet_import.NNUNetDynUNet` for the exact nnU-Net layout).
+MONAI's DynUNet has exactly two convolutions per stage. The plain plan builds nnU-Net's layout
+(:class:`dgst_monai.networks.nnunet_layout.NNUNetDynUNet`: a bias in every convolution, nnU-Net's decoder
+kernels), so that imported nnU-Net weights load into the same class and Bias / Bias+Norm / DGST train what the
+paper's do.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Any
 
 from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.nets import DynUNet
+
+from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
 from torch import nn
 
 __all__ = [
@@ -150,6 +153,15 @@ class DynUNetPlan:
     residual: bool = False
     blocks_per_stage: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # a plan read back from a bundle config (``to_config``) arrives as JSON lists
+        for name in ("patch_size", "filters", "spacing", "blocks_per_stage"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        for name in ("kernel_size", "strides", "upsample_kernel_size"):
+            object.__setattr__(self, name, tuple(tuple(v) for v in getattr(self, name)))
+
     @property
     def n_stages(self) -> int:
         """Resolution stages, bottleneck included."""
@@ -177,7 +189,10 @@ class DynUNetPlan:
                 :class:`ResidualEncoderDynUNet`.
 
         Returns:
-            A MONAI DynUNet with nnU-Net's affine instance norm and leaky ReLU.
+            A MONAI DynUNet with nnU-Net's affine instance norm and leaky ReLU: the nnU-Net layout
+            (:class:`~dgst_monai.networks.nnunet_layout.NNUNetDynUNet`, biased convolutions) for a plain plan,
+            MONAI's residual blocks for a residual one. Without deep supervision it loads the deep-supervised
+            training checkpoint of the same plan strictly (the extra heads are dropped): the inference network.
 
         Example::
 
@@ -199,32 +214,31 @@ class DynUNetPlan:
         )
         if residual and self.blocks_per_stage is not None:
             return ResidualEncoderDynUNet(blocks_per_stage=list(self.blocks_per_stage), **kwargs)
-        return DynUNet(**kwargs)
+        if residual:
+            return DynUNet(**kwargs)
+        kwargs.pop("res_block")
+        return NNUNetDynUNet(**kwargs)
 
-    def as_config(self) -> dict[str, Any]:
-        """The plan as ``ln_ct_dynunet`` bundle overrides (top-level keys, plus ``network_def#...`` if residual).
+    def to_config(self) -> dict[str, Any]:
+        """The plan as a bundle config component (``"plan": {...}``) that rebuilds exactly this plan.
 
         Example::
 
-            import json
-            json.dump(plan_preset("paper").as_config(), open("configs/my_plan.json", "w"), indent=4)
-            # python -m monai.bundle run --config_file "['configs/train.json','configs/my_plan.json']"
+            config["plan"] = plan_preset("cpu-small").to_config()  # an exported bundle carries its topology
         """
-        config: dict[str, Any] = {
-            "spacing": list(self.spacing),
+        return {
+            "_target_": f"{DynUNetPlan.__module__}.DynUNetPlan",
             "patch_size": list(self.patch_size),
-            "filters": list(self.filters),
             "kernel_size": [list(k) for k in self.kernel_size],
             "strides": [list(s) for s in self.strides],
+            "upsample_kernel_size": [list(u) for u in self.upsample_kernel_size],
+            "filters": list(self.filters),
             "deep_supr_num": self.deep_supr_num,
+            "spacing": list(self.spacing),
             "batch_size": self.batch_size,
+            "residual": self.residual,
+            "blocks_per_stage": None if self.blocks_per_stage is None else list(self.blocks_per_stage),
         }
-        if self.residual:
-            config["network_def#res_block"] = True
-            if self.blocks_per_stage is not None:
-                config["network_def#_target_"] = f"{ResidualEncoderDynUNet.__module__}.ResidualEncoderDynUNet"
-                config["network_def#blocks_per_stage"] = list(self.blocks_per_stage)
-        return config
 
     def estimate_feature_map_elements(self, out_channels: int = 2, deep_supervision: bool = True) -> int:
         """nnU-Net's memory proxy for one sample of this plan, see :func:`estimate_feature_map_elements`."""
@@ -514,11 +528,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         min_feature_map_size=8,
         memory_gb=None,
     ),
+    # the tests' and the smoke demo's: filters 8-64, a 32x32x16 patch, seconds per run on a CPU
+    "tiny": dict(
+        spacing=(1.5, 1.5, 3.0),
+        patch_size=(32, 32, 16),
+        batch_size=2,
+        base_filters=8,
+        min_feature_map_size=4,
+        memory_gb=None,
+    ),
 }
 
 
 def plan_preset(name: str, **overrides: Any) -> DynUNetPlan:
-    """The plan of a named preset (``paper``, ``paper-resenc-m``, ``paper-resenc-l``, ``cpu-small``).
+    """The plan of a named preset (``paper``, ``paper-resenc-m``, ``paper-resenc-l``, ``cpu-small``, ``tiny``).
 
     Args:
         name: preset name, see :data:`PRESETS`.

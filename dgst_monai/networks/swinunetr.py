@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from monai.networks.nets import SwinUNETR
 
-__all__ = ["SWINUNETR_VERSIONS", "build_swinunetr"]
+__all__ = ["SWINUNETR_PRESETS", "SWINUNETR_VERSIONS", "SwinUNETRPlan", "build_swinunetr", "swinunetr_plan"]
 
 SWINUNETR_VERSIONS: tuple[str, ...] = ("v1", "v2")
 
@@ -65,3 +66,82 @@ def build_swinunetr(
         use_v2=version == "v2",
         **kwargs,
     )
+
+
+@dataclass(frozen=True)
+class SwinUNETRPlan:
+    """A SwinUNETR configuration of the ``ln_ct_swinunetr`` bundle: sampling, patch and network size.
+
+    The counterpart of :class:`dgst_monai.networks.planner.DynUNetPlan` (same ``spacing``, ``patch_size``,
+    ``batch_size``, :meth:`network` and :meth:`to_config`), so both bundles read their topology from one place.
+
+    Attributes:
+        spacing: target voxel spacing in mm (x, y, z).
+        patch_size: training patch and sliding-window ROI, every axis a multiple of 32.
+        feature_size: embedding size, a multiple of 12.
+        version: ``"v1"`` or ``"v2"``.
+        depths: Swin blocks per stage.
+        batch_size: training batch size.
+    """
+
+    spacing: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    feature_size: int = 48
+    version: str = "v1"
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("spacing", "patch_size", "depths"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if any(p % 32 for p in self.patch_size):
+            raise ValueError(f"SwinUNETR needs every patch axis to be a multiple of 32, got {list(self.patch_size)}")
+
+    def network(self, in_channels: int = 1, out_channels: int = 2, deep_supervision: bool = False) -> SwinUNETR:
+        """Build the network. SwinUNETR has no deep supervision: ``deep_supervision`` is accepted so that the
+        bundle wiring is the same for both networks, and changes nothing."""
+        return build_swinunetr(
+            self.version,  # type: ignore[arg-type]
+            in_channels=in_channels,
+            out_channels=out_channels,
+            feature_size=self.feature_size,
+            depths=self.depths,
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """The plan as a bundle config component (``"plan": {...}``) that rebuilds exactly this plan."""
+        return {
+            "_target_": f"{SwinUNETRPlan.__module__}.SwinUNETRPlan",
+            "spacing": list(self.spacing),
+            "patch_size": list(self.patch_size),
+            "feature_size": self.feature_size,
+            "version": self.version,
+            "depths": list(self.depths),
+            "batch_size": self.batch_size,
+        }
+
+
+#: Named SwinUNETR configurations, the same names as the DynUNet planner's presets; axes (x, y, z).
+SWINUNETR_PRESETS: dict[str, dict[str, Any]] = {
+    # LN-Seg-FM's SwinUNETR: feature size 48; the patch rounds the DynUNet's 224x112x80 to multiples of 32
+    "paper": dict(spacing=(0.8, 0.8, 2.5), patch_size=(224, 128, 64), feature_size=48),
+    "cpu-small": dict(spacing=(1.5, 1.5, 3.0), patch_size=(64, 64, 32), feature_size=12),
+    # more than one voxel at the bottleneck needs 64x64x32 at least; one Swin block per stage
+    "tiny": dict(spacing=(1.5, 1.5, 3.0), patch_size=(64, 64, 32), feature_size=12, depths=(1, 1, 1, 1)),
+}
+
+
+def swinunetr_plan(name: str, **overrides: Any) -> SwinUNETRPlan:
+    """The SwinUNETR configuration of a named preset (``paper``, ``cpu-small``, ``tiny``).
+
+    Example::
+
+        plan = swinunetr_plan("cpu-small", version="v2")
+        net = plan.network(in_channels=1, out_channels=2)
+    """
+    try:
+        kwargs = dict(SWINUNETR_PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown SwinUNETR preset {name!r}; known presets: {', '.join(SWINUNETR_PRESETS)}") from None
+    kwargs.update(overrides)
+    return SwinUNETRPlan(**kwargs)

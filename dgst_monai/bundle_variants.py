@@ -1,0 +1,160 @@
+"""The shipped bundles from one source: ``ln_ct_swinunetr`` is ``ln_ct_dynunet`` with another network.
+
+The model zoo zips each bundle folder alone and MONAI Label copies one bundle into its app, so every bundle
+folder must be complete (no links into a sibling). ``bundles/ln_ct_dynunet`` is the hand-written source;
+:data:`VARIANTS` says, per file, what another bundle changes (config keys, in MONAI's ``a#b`` id syntax, and
+a few documentation lines); :func:`write_variant` writes the variant's folder, which is committed and checked
+by a test that regenerates it and compares. The network topology itself lives in
+:mod:`dgst_monai.networks` (the presets), never in a bundle.
+
+Regenerate after changing the source bundle::
+
+    python -m dgst_monai.bundle_variants bundles
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SOURCE_BUNDLE", "VARIANTS", "format_config", "write_variant", "write_variants"]
+
+SOURCE_BUNDLE = "ln_ct_dynunet"
+
+_SWIN_DESCRIPTION = (
+    "MONAI SwinUNETR (v1; v2 with --swin_version v2) that segments lymph nodes in CT. Pre-trained on a "
+    "head-and-neck cohort (RADCURE in the paper; the embedded synthetic head-and-neck CT by default) with the same "
+    "nnU-Net-style recipe as the DynUNet bundle, and fine-tuned from a few annotated scans with Dynamic Gradient "
+    "Sparsification Training (DGST) or any baseline of the paper."
+)
+
+#: variant bundle -> file (relative to the bundle) -> changes. JSON files take ``{"id#path": value}``
+#: (``None`` deletes the key); Markdown files take ``{"old text": "new text"}`` replacements, each of which must
+#: match exactly once.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "ln_ct_swinunetr": {
+        "configs/train.json": {
+            "swin_version": "v1",
+            "plan": "$dgst_monai.networks.swinunetr_plan(@preset, version=@swin_version)",
+        },
+        "configs/inference.json": {
+            "swin_version": "v1",
+            "plan": "$dgst_monai.networks.swinunetr_plan(@preset, version=@swin_version)",
+        },
+        "configs/metadata.json": {
+            "version": "0.2.0",
+            "changelog": {
+                "0.2.0": "Generated from ln_ct_dynunet (one source for both bundles); topology from the "
+                "dgst_monai presets; fine-tuning keeps the foundation's intensity normalisation",
+                "0.1.0": "First version: SwinUNETR counterpart of ln_ct_dynunet (same training, fine-tuning, "
+                "evaluation, inference and multi-GPU wiring)",
+            },
+            "required_packages_version#einops": "0.8.2",
+            "name": "CT lymph node segmentation foundation model (SwinUNETR)",
+            "description": _SWIN_DESCRIPTION,
+            "network_data_format#inputs#image#spatial_shape": ["32*n", "32*n", "32*n"],
+            "network_data_format#outputs#pred#spatial_shape": ["32*n", "32*n", "32*n"],
+        },
+        "docs/README.md": {
+            "# CT lymph node segmentation foundation model (DynUNet), few-shot adaptable with DGST": (
+                "# CT lymph node segmentation foundation model (SwinUNETR), few-shot adaptable with DGST"
+            ),
+            "| network | DynUNet, 6 stages, filters 32-64-128-256-320-320, kernels 3x3x1 then 3x3x3, strides as "
+            "nnU-Net plans them for 0.8 x 0.8 x 2.5 mm, instance norm with affine, 3 extra deep-supervision heads |": (
+                "| network | SwinUNETR v1 (v2 with `--swin_version v2`), feature size 48, depths 2-2-2-2, patch 224 x 128 x 64 "
+                "(multiples of 32), no deep supervision |"
+            ),
+            "This bundle's network: `DynUNet` in nnU-Net's layout.": (
+                "This bundle's network: MONAI's `SwinUNETR` (v1; `--swin_version v2` for v2), presets in "
+                "`dgst_monai.networks.SWINUNETR_PRESETS` (paper: feature size 48, patch 224 x 128 x 64)."
+            ),
+        },
+    },
+}
+
+
+def format_config(content: Any, width: int = 118) -> str:
+    """JSON as the bundles write it: 4-space indent, lists and objects kept on one line when they fit."""
+
+    def render(value: Any, indent: int, prefix: int = 0) -> str:
+        # prefix: characters already on the line (the key), counted only for the fit
+        flat = json.dumps(value, ensure_ascii=False)
+        if not isinstance(value, (dict, list)) or not value or indent + prefix + len(flat) <= width:
+            return flat
+        pad, inner = " " * indent, " " * (indent + 4)
+        if isinstance(value, dict):
+            items = [f"{inner}{json.dumps(k)}: {render(v, indent + 4, len(json.dumps(k)) + 2)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+        return "[\n" + ",\n".join(f"{inner}{render(v, indent + 4)}" for v in value) + f"\n{pad}]"
+
+    return render(content, 0) + "\n"
+
+
+def _set(config: dict[str, Any], key: str, value: Any, where: str) -> None:
+    *parents, last = key.split("#")
+    node: Any = config
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if value is None:
+        if last not in node:
+            raise KeyError(f"{where}: cannot delete {key!r}, the source has no such key")
+        del node[last]
+    else:
+        node[last] = value
+
+
+def _apply(path: Path, changes: dict[str, Any]) -> None:
+    where = str(path)
+    if path.suffix == ".json":
+        config = json.loads(path.read_text())
+        for key, value in changes.items():
+            _set(config, key, value, where)
+        path.write_text(format_config(config))
+        return
+    text = path.read_text()
+    for old, new in changes.items():
+        if text.count(old) != 1:
+            raise ValueError(f"{where}: {old!r} occurs {text.count(old)} times in the source, expected once")
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+def write_variant(bundles: str | Path, name: str) -> Path:
+    """Write ``<bundles>/<name>`` from ``<bundles>/ln_ct_dynunet`` and :data:`VARIANTS` ``[name]``.
+
+    Only the files the source bundle tracks are copied (configs, docs, LICENSE, large_files.yml), never its
+    generated ``data/``, ``models/`` or ``eval/`` folders.
+
+    Args:
+        bundles: the folder holding the source bundle.
+        name: a key of :data:`VARIANTS`.
+
+    Returns:
+        The variant's folder (replaced whole).
+
+    Raises:
+        KeyError: unknown variant, or a change naming a key the source does not have.
+    """
+    if name not in VARIANTS:
+        raise KeyError(f"unknown bundle variant {name!r}; known: {', '.join(VARIANTS)}")
+    bundles = Path(bundles)
+    source, target = bundles / SOURCE_BUNDLE, bundles / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("data", "models", "eval", "__pycache__"))
+    for relative, changes in VARIANTS[name].items():
+        _apply(target / relative, changes)
+    return target
+
+
+def write_variants(bundles: str | Path) -> list[Path]:
+    """Regenerate every variant bundle under ``bundles``."""
+    return [write_variant(bundles, name) for name in VARIANTS]
+
+
+if __name__ == "__main__":
+    for folder in write_variants(sys.argv[1] if len(sys.argv) > 1 else "bundles"):
+        print(f"wrote {folder}")
