@@ -18,6 +18,11 @@ Two update modes:
     * ``"gradient"``: only the gradient is masked, as the released trainer intends. With momentum or weight
       decay unselected entries still move.
 
+Three selectors: :class:`GradientSelector` (DGST, the current |g|), :class:`RandomSelector` (DRST, a seeded
+random draw per step) and :class:`AccumulatedGradientSelector` (SGST: one static mask from |g| summed over
+calibration batches at the foundation weights, before the first update). The state DRST and SGST need to
+resume (generator state; sums, count and mask) round-trips through ``state_dict()`` / ``load_state_dict()``.
+
 Everything in the per-iteration path stays on the parameters' device: no ``.item()``, ``.cpu()`` or
 ``.tolist()``, no Python loop over rows.
 """
@@ -25,8 +30,8 @@ Everything in the per-iteration path stays on the parameters' device: no ``.item
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -66,6 +71,13 @@ def check_gamma(gamma: int) -> int:
     return gamma
 
 
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum`` (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 class Selector:
     """Chooses, at each optimizer step, which entries of each parameter are updated.
 
@@ -73,12 +85,20 @@ class Selector:
     Parameters that are not kernels, or are inside a head, are always kept whole; frozen parameters
     (``requires_grad=False``) never.
 
+    A selector whose choice depends on its history (DRST's random stream, SGST's calibration) says so with
+    :attr:`stateful` and round-trips that history through :meth:`state_dict` / :meth:`load_state_dict`, so that
+    a resumed run selects what an uninterrupted one does. The state holds only tensors, ints, strings, lists
+    and dicts: it loads with ``torch.load(..., weights_only=True)``.
+
     Args:
         model: the network (may be wrapped in DistributedDataParallel).
         gamma: entries kept per group.
         grouping: ``"filter"`` or ``"kernel"``, see the module docstring.
         heads: extra modules to treat as segmentation heads.
     """
+
+    #: whether :meth:`state_dict` holds anything a resume needs
+    stateful: bool = False
 
     def __init__(
         self,
@@ -129,6 +149,28 @@ class Selector:
             masks[name] = top_gamma_mask(group_rows(scores, self.grouping), self.gamma).view_as(param)
         return {name: masks[name] for name in self.params}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs to continue this selection (empty for a stateless selector)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a selector built with the same settings).
+
+        Raises:
+            ValueError: ``state`` does not fit this selector.
+        """
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got one with keys {sorted(state)}")
+
+    def _check_setting(self, state: Mapping[str, Any], key: str, value: Any) -> None:
+        # a resume continues the same run: a changed setting would silently make it another run
+        if key not in state:
+            raise ValueError(f"{type(self).__name__} state has no {key!r} (keys: {sorted(state)})")
+        if state[key] != value:
+            raise ValueError(
+                f"{type(self).__name__} state was saved with {key}={state[key]!r}, this selector has {key}={value!r}"
+            )
+
 
 class GradientSelector(Selector):
     """DGST: top-gamma entries by |current gradient| (Luo et al., Eq. 4)."""
@@ -140,56 +182,279 @@ class GradientSelector(Selector):
 class RandomSelector(Selector):
     """DRST: gamma entries per group drawn uniformly at random at every step, from a seeded generator.
 
-    The same seed on every DDP rank draws the same entries.
+    The same seed on every DDP rank draws the same entries. One generator per device of the parameters; its
+    state is in :meth:`state_dict` (``{"seed": int, "generators": {device: ByteTensor}}``), so a resumed run
+    draws the continuation of the uninterrupted run's stream.
+
+    Example::
+
+        selector = RandomSelector(net, gamma=1, seed=0)
+        masks = selector()                     # one draw per step
+        state = selector.state_dict()          # e.g. into the training-state checkpoint
+        resumed = RandomSelector(net, gamma=1, seed=0)
+        resumed.load_state_dict(state)         # resumed() == selector() from here on
     """
+
+    stateful = True
 
     def __init__(self, model: nn.Module, gamma: int = 1, grouping: Grouping = "filter", seed: int = 0, **kw) -> None:
         super().__init__(model, gamma, grouping, **kw)
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._loaded: dict[str, torch.Tensor] = {}  # generator states loaded before that generator exists
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = self._generators[key] = torch.Generator(device).manual_seed(self.seed)
+            if key in self._loaded:
+                gen.set_state(self._loaded.pop(key))
+        return gen
 
     def scores(self, name: str, param: nn.Parameter) -> torch.Tensor:
-        gen = self._generators.get(param.device)
-        if gen is None:
-            gen = self._generators[param.device] = torch.Generator(param.device).manual_seed(self.seed)
-        return torch.rand(param.shape, generator=gen, device=param.device)
+        return torch.rand(param.shape, generator=self._generator(param.device), device=param.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seed": int, "generators": {device string: generator state (CPU ByteTensor)}}``."""
+        generators = dict(self._loaded)  # loaded and not drawn from yet: still the current state
+        generators.update({key: gen.get_state() for key, gen in self._generators.items()})
+        return {"seed": self.seed, "generators": generators}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the random stream saved in ``state``.
+
+        Raises:
+            ValueError: another seed, or generators of devices the parameters are not on.
+        """
+        self._check_setting(state, "seed", self.seed)
+        generators = state.get("generators")
+        if not isinstance(generators, Mapping):
+            raise ValueError(f"RandomSelector state needs a 'generators' dict, got {type(generators).__name__}")
+        devices = sorted({str(p.device) for p in self.sparse.values()})
+        unknown = sorted(set(generators) - set(devices))
+        if unknown:
+            raise ValueError(f"DRST generator states saved for devices {unknown}; the parameters are on {devices}")
+        self._generators.clear()
+        # Generator.set_state takes a CPU ByteTensor whatever the device (map_location may have moved it)
+        self._loaded = {key: value.detach().to("cpu", torch.uint8) for key, value in generators.items()}
 
 
 class AccumulatedGradientSelector(Selector):
-    """SGST: a static selection by |gradient accumulated over the first ``warmup_steps`` steps|.
+    """SGST: one static selection, the top-gamma entries by |gradient| accumulated at the foundation weights.
 
-    During the warm-up each step selects from the gradients summed so far; from step ``warmup_steps`` on the
-    selection is frozen.
+    :meth:`calibrate` runs ``warmup_steps`` calibration batches through the network *before the first update*
+    and adds up, per entry, the absolute gradient of each: ``score_i = sum_b |g_i(b)|`` (a sum of magnitudes,
+    so an entry whose gradient changes sign between batches still counts as sensitive; signed sums would
+    cancel). Nothing is updated meanwhile: no optimizer step, and the network's buffers (e.g. batch-norm
+    running statistics) are restored afterwards, so every batch sees the foundation weights. The top-gamma
+    entries of each group of the sums are then frozen as the mask of every step, from the first to the last.
+
+    The gradients are summed as the loss produces them, *not* clipped: global-norm clipping multiplies every
+    entry of one batch by the same factor ``min(1, max_norm / ||g||)``, which keeps the ranking within a batch
+    but down-weights large-gradient batches in the sum; with no update to protect there is nothing to clip.
+
+    A batch whose gradients are not all finite (an AMP overflow that the scaler would skip) is neither added
+    nor counted; under AMP (``loss_scale > 1``) the loss scale is then halved, as ``GradScaler`` backs off. More
+    than ``max_nonfinite`` such batches is an error.
+
+    The sums, the number of counted batches and the frozen mask are in :meth:`state_dict`, so a resumed run
+    keeps the mask chosen at the foundation weights instead of calibrating again at the resumed ones.
+
+    Args:
+        model: the network.
+        gamma: entries kept per group.
+        grouping: ``"filter"`` or ``"kernel"``.
+        warmup_steps: finite calibration batches accumulated before the mask is frozen.
+        max_nonfinite: non-finite calibration batches tolerated (16 lets ``GradScaler``'s default initial scale
+            2^16 back off to 1).
+        heads: extra modules to treat as segmentation heads.
+
+    Example::
+
+        selector = AccumulatedGradientSelector(net, gamma=1, warmup_steps=10)
+        selector.calibrate(lambda batch: loss_fn(net(batch["image"]), batch["label"]), loader)
+        for batch in loader:                   # training: the same mask at every step
+            optimizer.zero_grad(); loss_fn(net(batch["image"]), batch["label"]).backward()
+            masks = selector()
+            ...
     """
 
+    stateful = True
+
     def __init__(
-        self, model: nn.Module, gamma: int = 1, grouping: Grouping = "filter", warmup_steps: int = 10, **kw
+        self,
+        model: nn.Module,
+        gamma: int = 1,
+        grouping: Grouping = "filter",
+        warmup_steps: int = 10,
+        max_nonfinite: int = 16,
+        **kw,
     ) -> None:
         super().__init__(model, gamma, grouping, **kw)
-        if warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-        self.warmup_steps = warmup_steps
-        self.steps = 0
+        self.warmup_steps = check_count("warmup_steps", warmup_steps)
+        self.max_nonfinite = check_count("max_nonfinite", max_nonfinite, minimum=0)
+        self.steps = 0  # finite calibration batches accumulated so far
+        self._buffers: dict[str, torch.Tensor] = dict(model.named_buffers())
         self._sums: dict[str, torch.Tensor] = {}
-        self._frozen: dict[str, torch.Tensor] | None = None
+        self._masks: dict[str, torch.Tensor] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the mask is frozen (``warmup_steps`` finite batches accumulated)."""
+        return self._masks is not None
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """``sum_b |g(b)|`` of each sparsified parameter that has had a gradient, by name."""
+        return dict(self._sums)
 
     def scores(self, name: str, param: nn.Parameter) -> torch.Tensor | None:
-        if param.grad is not None:
-            if name in self._sums:
-                self._sums[name].add_(param.grad)
-            else:
-                self._sums[name] = param.grad.detach().clone()
-        total = self._sums.get(name)
-        return None if total is None else total.abs()
+        return self._sums.get(name)
 
-    def __call__(self) -> dict[str, torch.Tensor]:
-        if self._frozen is not None:
-            return self._frozen
-        masks = super().__call__()
+    @torch.no_grad()
+    def accumulate(self, loss_scale: float = 1.0) -> bool:
+        """Add ``|grad| / loss_scale`` of the current gradients if they are all finite; freeze the mask at the
+        ``warmup_steps``-th.
+
+        Args:
+            loss_scale: the factor the loss was multiplied by before ``backward()`` (AMP); 1 otherwise.
+
+        Returns:
+            Whether the batch was counted.
+
+        Raises:
+            RuntimeError: the mask is already frozen, or no parameter has a gradient.
+        """
+        if self.calibrated:
+            raise RuntimeError("SGST's mask is already frozen: accumulate() is for calibration only")
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if not grads:
+            raise RuntimeError("no parameter has a gradient to accumulate: call backward() first")
+        # one host sync per calibration batch; calibration is outside the training loop
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return False
+        for name, param in self.sparse.items():
+            if param.grad is None:
+                continue
+            magnitude = param.grad.detach().abs()
+            if loss_scale != 1.0:
+                magnitude.div_(loss_scale)  # exact: GradScaler's scales are powers of two
+            if name in self._sums:
+                self._sums[name].add_(magnitude)
+            else:
+                self._sums[name] = magnitude
         self.steps += 1
         if self.steps >= self.warmup_steps:
-            self._frozen, self._sums = masks, {}
-        return masks
+            self._masks = Selector.__call__(self)
+        return True
+
+    def calibrate(
+        self, loss_of: Callable[[Any], torch.Tensor], batches: Iterable[Any], loss_scale: float = 1.0
+    ) -> int:
+        """Accumulate calibration batches until the mask is frozen; nothing is updated.
+
+        For each batch: clear the gradients, ``(loss_of(batch) * scale).backward()``, :meth:`accumulate`. A
+        resumed, partly calibrated selector only adds the missing batches. Afterwards the gradients are cleared
+        (``grad = None``) and the buffers restored to their values before calibration.
+
+        Args:
+            loss_of: the training loss of one batch at the current weights (forward included).
+            batches: calibration batches (e.g. the training loader, repeated if shorter than ``warmup_steps``).
+            loss_scale: initial loss scale under AMP (e.g. ``GradScaler.get_scale()``); 1 without AMP.
+
+        Returns:
+            The number of non-finite batches skipped.
+
+        Raises:
+            ValueError: ``batches`` ran out before ``warmup_steps`` finite ones.
+            RuntimeError: more than ``max_nonfinite`` batches had non-finite gradients.
+        """
+        saved = {name: buffer.detach().clone() for name, buffer in self._buffers.items()}
+        scale, skipped = float(loss_scale), 0
+        stream = iter(batches)
+        try:
+            while not self.calibrated:
+                try:
+                    batch = next(stream)
+                except StopIteration:
+                    raise ValueError(
+                        f"SGST calibration needs {self.warmup_steps} batches with finite gradients; the data gave "
+                        f"{self.steps} (and {skipped} non-finite)"
+                    ) from None
+                self._clear_grads()
+                loss = loss_of(batch)
+                (loss * scale if scale != 1.0 else loss).backward()
+                if self.accumulate(scale):
+                    continue
+                skipped += 1
+                if skipped > self.max_nonfinite:
+                    raise RuntimeError(
+                        f"SGST calibration: {skipped} batches had non-finite gradients (more than max_nonfinite="
+                        f"{self.max_nonfinite}) with {self.steps} of {self.warmup_steps} finite; check the loss and "
+                        "the foundation weights"
+                    )
+                if scale > 1.0:
+                    scale /= 2.0
+        finally:
+            self._clear_grads()
+            with torch.no_grad():
+                for name, buffer in self._buffers.items():
+                    buffer.copy_(saved[name])
+        return skipped
+
+    def _clear_grads(self) -> None:
+        for param in self.params.values():
+            param.grad = None
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        """The frozen masks (the same tensors at every step).
+
+        Raises:
+            RuntimeError: before calibration.
+        """
+        if self._masks is None:
+            raise RuntimeError(
+                f"SGST's mask is chosen before the first update, and only {self.steps} of {self.warmup_steps} "
+                "calibration batches were accumulated: call calibrate() first (DGSTHandler does it when the run starts)"
+            )
+        return self._masks
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"warmup_steps", "steps", "sums": {name: tensor}, "masks": {name: BoolTensor}}`` (masks of the
+        sparsified parameters, empty before the mask is frozen)."""
+        masks = {} if self._masks is None else {n: self._masks[n] for n in self.sparse}
+        return {"warmup_steps": self.warmup_steps, "steps": self.steps, "sums": dict(self._sums), "masks": masks}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``: the frozen mask if it has one, else the partial sums.
+
+        Raises:
+            ValueError: another ``warmup_steps``, or tensors that do not match the sparsified parameters.
+        """
+        self._check_setting(state, "warmup_steps", self.warmup_steps)
+        steps, sums, masks = state.get("steps"), state.get("sums"), state.get("masks")
+        if not isinstance(steps, int) or not isinstance(sums, Mapping) or not isinstance(masks, Mapping):
+            raise ValueError(f"SGST state needs 'steps' (int), 'sums' and 'masks' (dicts); got keys {sorted(state)}")
+        for kind, tensors in (("sums", sums), ("masks", masks)):
+            for name, value in tensors.items():
+                param = self.sparse.get(name)
+                if param is None or tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"SGST state {kind}[{name!r}] of shape {tuple(value.shape)} matches no sparsified parameter "
+                        "of this network"
+                    )
+        if masks and set(masks) != set(self.sparse):
+            raise ValueError(
+                f"SGST state has masks for {len(masks)} parameters, the network sparsifies {len(self.sparse)}"
+            )
+        self.steps = steps
+        self._sums = {n: v.detach().to(self.sparse[n].device, self.sparse[n].dtype).clone() for n, v in sums.items()}
+        if masks:
+            frozen = {n: v.detach().to(self.sparse[n].device, torch.bool) for n, v in masks.items()}
+            self._masks = {n: frozen[n] if n in frozen else self._fixed[n] for n in self.params}
+        else:
+            self._masks = None
 
 
 class SparseUpdate:

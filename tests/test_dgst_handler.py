@@ -244,3 +244,15 @@ def test_handler_needs_a_network():
     with pytest.raises(ValueError, match="network"):
         DGSTHandler().attach(engine)
         engine.run([0], max_epochs=1)
+
+
+def test_sgst_needs_the_trainers_batches_to_calibrate(tiny_dynunet):
+    """SGST on a plain ignite Engine (no data loader, prepare_batch, inferer or loss) fails before any step."""
+    net = tiny_dynunet()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    engine = Engine(lambda e, b: None)
+    engine.register_events(*IterationEvents)
+    DGSTHandler(method="sgst", network=net).attach(engine)
+    with pytest.raises(ValueError, match="SGST calibrates on the trainer's own batches.*data_loader, prepare_batch"):
+        engine.run([0], max_epochs=1)
+    assert engine.state.iteration == 0 and all(torch.equal(p, before[n]) for n, p in net.named_parameters())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -155,24 +157,189 @@ def test_random_selector_is_seeded_and_dynamic():
     assert not first_a["frozen.weight"].any()
 
 
-def test_accumulated_gradient_selector_freezes_after_warmup(reference_mask):
-    """SGST: selects by |sum of gradients so far| during warm-up, then keeps that selection whatever the gradient."""
-    model = ToyNet()
-    selector = AccumulatedGradientSelector(model, gamma=1, warmup_steps=2, heads=[model.head])
-    gen = torch.Generator().manual_seed(3)
-    grads = [{n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()} for _ in range(4)]
-    seen = []
-    for step, g in enumerate(grads):
-        for n, p in model.named_parameters():
-            p.grad = g[n].clone()
-        seen.append({n: m.clone() for n, m in selector().items()})
-        if step < 2:
-            total = {n: sum(grads[i][n] for i in range(step + 1)) for n in SPARSE_TOY}
-            for n in SPARSE_TOY:
-                assert torch.equal(seen[step][n], reference_mask(total[n], 1, "filter")), (step, n)
-    for n in SPARSE_TOY:
-        assert torch.equal(seen[2][n], seen[1][n]) and torch.equal(seen[3][n], seen[1][n])
-    assert any(not torch.equal(seen[0][n], seen[1][n]) for n in SPARSE_TOY)
+class SmallNet(nn.Sequential):
+    """A runnable net for SGST calibration: two convs (sparsified), batch norm (buffers), a head conv."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv3d(1, 4, 3, padding=1),
+            nn.BatchNorm3d(4),
+            nn.ReLU(),
+            nn.Conv3d(4, 4, 3, padding=1),
+            nn.Conv3d(4, 2, 1),
+        )
+
+
+def _small_batches(n: int, seed: int = 5) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 1, 6, 6, 6, generator=gen) for _ in range(n)]
+
+
+def _small_loss(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: net(x).square().mean()
+
+
+def _reference_abs_sums(net: nn.Module, batches: list[torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """sum_b |dL_b/dtheta| at the current weights, by autograd.grad on a copy (no .grad, no optimizer)."""
+    copy = SmallNet()
+    copy.load_state_dict(net.state_dict())
+    params = dict(copy.named_parameters())
+    total: dict[str, torch.Tensor] = {}
+    for x in batches:
+        grads = torch.autograd.grad(copy(x).square().mean(), [params[n] for n in names])
+        for n, g in zip(names, grads):
+            total[n] = total[n] + g.abs() if n in total else g.abs()
+    return total
+
+
+SMALL_SPARSE = ("0.weight", "3.weight")
+
+
+def test_sgst_calibration_sums_abs_gradients_at_fixed_weights_then_freezes(reference_mask, take_snapshot):
+    """SGST: the mask is top-gamma of sum_b |g_b| over warmup_steps batches; nothing changes meanwhile."""
+    net = SmallNet()
+    net(torch.randn(2, 1, 6, 6, 6))  # non-trivial batch-norm running statistics to preserve
+    weights, buffers = take_snapshot(net), {n: b.clone() for n, b in net.named_buffers()}
+    selector = AccumulatedGradientSelector(net, gamma=2, warmup_steps=3, heads=[net[4]])
+    with pytest.raises(RuntimeError, match="calibrat"):
+        selector()  # no selection before calibration
+    batches = _small_batches(4)
+    assert selector.calibrate(_small_loss(net), batches) == 0
+    assert selector.calibrated and selector.steps == 3
+
+    expected = _reference_abs_sums(net, batches[:3], SMALL_SPARSE)  # the 4th batch is not drawn
+    assert set(selector.sums) == set(SMALL_SPARSE)
+    for n in SMALL_SPARSE:
+        assert torch.equal(selector.sums[n], expected[n]), n
+    one_batch = _reference_abs_sums(net, batches[:1], SMALL_SPARSE)  # so the sum is not the first batch's choice
+    assert any(
+        not torch.equal(reference_mask(one_batch[n], 2, "filter"), reference_mask(expected[n], 2, "filter"))
+        for n in SMALL_SPARSE
+    )
+    # weights and buffers untouched, gradients cleared
+    assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in net.named_buffers())
+    assert all(p.grad is None for p in net.parameters())
+
+    frozen = {n: m.clone() for n, m in selector().items()}
+    for n in SMALL_SPARSE:
+        assert torch.equal(frozen[n], reference_mask(selector.sums[n], 2, "filter")), n
+    assert frozen["1.weight"].all() and frozen["4.weight"].all()  # norm and head whole
+    for p in net.parameters():  # new gradients do not move a static mask
+        p.grad = torch.randn_like(p)
+    assert all(torch.equal(m, frozen[n]) for n, m in selector().items())
+    with pytest.raises(RuntimeError, match="frozen"):
+        selector.accumulate()
+
+
+def test_sgst_skips_non_finite_batches_and_undoes_the_loss_scale():
+    """A batch with non-finite gradients is neither added nor counted; under a loss scale the sums are of |g|."""
+    net = SmallNet()
+    batches = _small_batches(3)
+    poisoned = [batches[0], torch.full_like(batches[1], float("inf")), batches[1], batches[2]]
+
+    plain = AccumulatedGradientSelector(net, warmup_steps=3, heads=[net[4]])
+    plain.calibrate(_small_loss(net), batches)
+    skipping = AccumulatedGradientSelector(net, warmup_steps=3, heads=[net[4]])
+    assert skipping.calibrate(_small_loss(net), poisoned) == 1
+    scaled = AccumulatedGradientSelector(net, warmup_steps=3, heads=[net[4]])
+    assert scaled.calibrate(_small_loss(net), poisoned, loss_scale=2.0**10) == 1  # AMP-like: scale halves
+
+    assert skipping.steps == scaled.steps == plain.steps == 3
+    for n in SMALL_SPARSE:
+        assert torch.isfinite(skipping.sums[n]).all()
+        assert torch.equal(skipping.sums[n], plain.sums[n]), n  # the same three batches, in the same order
+        assert torch.equal(scaled.sums[n], plain.sums[n]), n  # power-of-two scales divide out exactly
+    assert all(torch.equal(skipping()[n], plain()[n]) for n in plain())
+
+
+def test_sgst_calibration_errors_are_bounded_and_clear(take_snapshot):
+    """Too many non-finite batches -> RuntimeError; too few batches -> ValueError; weights intact either way."""
+    net = SmallNet()
+    before = take_snapshot(net)
+    infinite = [torch.full((1, 1, 6, 6, 6), float("inf"))] * 10
+    selector = AccumulatedGradientSelector(net, warmup_steps=2, max_nonfinite=3, heads=[net[4]])
+    with pytest.raises(RuntimeError, match="4 batches had non-finite gradients"):
+        selector.calibrate(_small_loss(net), infinite)
+    with pytest.raises(ValueError, match="needs 2 batches with finite gradients; the data gave 1"):
+        AccumulatedGradientSelector(net, warmup_steps=2, heads=[net[4]]).calibrate(_small_loss(net), _small_batches(1))
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in net.named_parameters())
+
+
+def _through_file(state, tmp_path):
+    """``state`` after torch.save / torch.load(weights_only=True), as a training-state file carries it."""
+    torch.save({"selector": state}, tmp_path / "state.pt")
+    return torch.load(tmp_path / "state.pt", weights_only=True)["selector"]
+
+
+def test_sgst_state_round_trip_keeps_the_mask_and_resumes_a_partial_calibration(tmp_path):
+    """SGST's frozen mask, sums and count survive a weights_only file; a partial state finishes calibrating."""
+    net = SmallNet()
+    batches = _small_batches(3)
+    full = AccumulatedGradientSelector(net, warmup_steps=3, heads=[net[4]])
+    full.calibrate(_small_loss(net), batches)
+
+    restored = AccumulatedGradientSelector(net, warmup_steps=3, heads=[net[4]])
+    restored.load_state_dict(_through_file(full.state_dict(), tmp_path))
+    assert restored.calibrated and restored.steps == 3
+    assert all(torch.equal(restored()[n], full()[n]) for n in full())
+    assert all(torch.equal(restored.sums[n], full.sums[n]) for n in SMALL_SPARSE)
+
+    partial = AccumulatedGradientSelector(net, warmup_steps=3, heads=[net[4]])
+    _small_loss(net)(batches[0]).backward()
+    assert partial.accumulate()
+    resumed = AccumulatedGradientSelector(net, warmup_steps=3, heads=[net[4]])
+    resumed.load_state_dict(_through_file(partial.state_dict(), tmp_path))
+    assert resumed.steps == 1 and not resumed.calibrated
+    resumed.calibrate(_small_loss(net), batches[1:])
+    assert all(torch.equal(resumed.sums[n], full.sums[n]) for n in SMALL_SPARSE)
+    assert all(torch.equal(resumed()[n], full()[n]) for n in full())
+
+
+def test_drst_state_round_trip_continues_the_random_stream(tmp_path):
+    """DRST: after loading a saved generator state, the next masks are the uninterrupted selector's."""
+    run = RandomSelector(ToyNet(), gamma=1, seed=3)
+    for _ in range(2):
+        run()
+    state = _through_file(run.state_dict(), tmp_path)
+    assert isinstance(state["generators"]["cpu"], torch.Tensor) and state["generators"]["cpu"].dtype == torch.uint8
+    resumed, restarted = RandomSelector(ToyNet(), gamma=1, seed=3), RandomSelector(ToyNet(), gamma=1, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["generators"]["cpu"].equal(state["generators"]["cpu"])  # pending still reported
+    for _ in range(2):
+        expected, got, fresh = run(), resumed(), restarted()
+        assert all(torch.equal(got[n], expected[n]) for n in SPARSE_TOY)
+    assert any(not torch.equal(fresh[n], expected[n]) for n in SPARSE_TOY)  # a restarted stream differs
+
+
+def _drst(model: nn.Module) -> RandomSelector:
+    return RandomSelector(model, seed=1)
+
+
+def _sgst(model: nn.Module) -> AccumulatedGradientSelector:
+    return AccumulatedGradientSelector(model, warmup_steps=2)
+
+
+def _sgst_state(**changes) -> dict:
+    return {"warmup_steps": 2, "steps": 0, "sums": {}, "masks": {}, **changes}
+
+
+@pytest.mark.parametrize(
+    "make,state,match",
+    [
+        (_drst, {"seed": 2, "generators": {}}, "seed=2"),
+        (_drst, {"seed": 1, "generators": {"cuda:0": torch.zeros(16, dtype=torch.uint8)}}, "cuda:0"),
+        (_sgst, _sgst_state(warmup_steps=3), "warmup_steps=3"),
+        (_sgst, _sgst_state(steps=1, sums={"conv.weight": torch.zeros(3)}), "conv.weight"),
+        (_sgst, _sgst_state(masks={"conv.weight": torch.zeros(4, 2, 3, 3, 3, dtype=torch.bool)}), "masks for 1"),
+        (GradientSelector, {"steps": 1}, "no state"),
+    ],
+    ids=["drst-seed", "drst-device", "sgst-warmup", "sgst-shape", "sgst-partial-masks", "dgst-stateless"],
+)
+def test_selector_state_mismatch_is_rejected(make, state, match):
+    """A state from another seed / warm-up / device / network raises a ValueError naming the difference."""
+    with pytest.raises(ValueError, match=match):
+        make(ToyNet()).load_state_dict(state)
 
 
 # ---------------------------------------------------------------- the update on a real network with a real loss
