@@ -23,16 +23,15 @@ Nothing here prints; the file-level helpers return :class:`DeltaStats` for the c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from dgst_monai.files import atomic_torch_save
 
 FORMAT = "dgst_monai.sparse_delta"
 VERSION = 1
@@ -118,8 +117,9 @@ def export_delta(base_state: StateDict, tuned_state: StateDict) -> dict[str, Any
 
     Args:
         base_state: the foundation state dict.
-        tuned_state: the fine-tuned state dict, same keys, shapes and dtypes (merge LoRA / adapters first:
-            :func:`dgst_monai.networks.adapters.merge`).
+        tuned_state: the fine-tuned state dict, same keys, shapes and dtypes (LoRA merged first:
+            :func:`dgst_monai.networks.adapters.merge`; the Adapter and spatial-adapter methods add modules, so
+            their checkpoints are not deltas of the foundation).
 
     Returns:
         The delta (format in the module docstring).
@@ -284,7 +284,7 @@ def save_delta(
 
     Args:
         base_path: the foundation checkpoint.
-        tuned_path: the fine-tuned checkpoint (plain keys: merge LoRA / adapters before saving).
+        tuned_path: the fine-tuned checkpoint (plain keys: LoRA merged before saving; Adapter and spatial-adapter checkpoints add modules and are refused).
         out_path: where to write the delta.
 
     Returns:
@@ -299,7 +299,7 @@ def save_delta(
     tuned, wrapper = load_state_dict_file(tuned_path)
     delta = export_delta(base, tuned)
     delta["wrapper"] = wrapper  # rebuild the tuned file's layout
-    _atomic_save(delta, out_path)
+    atomic_torch_save(delta, out_path)
     return _file_stats(delta, out_path, tuned_path)
 
 
@@ -321,7 +321,7 @@ def load_and_apply(
     delta = load_delta(delta_path)
     state = apply_delta(base, delta)
     wrapper = delta.get("wrapper")
-    _atomic_save({wrapper: state} if wrapper else state, out_path)
+    atomic_torch_save({wrapper: state} if wrapper else state, out_path)
     return _file_stats(delta, delta_path, out_path)
 
 
@@ -334,23 +334,6 @@ def _file_stats(
         full_bytes=os.path.getsize(full_path),
         base_sha256=delta["base_sha256"],
     )
-
-
-def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    # a reader (or a crash) never sees a half-written file: write beside the target, then rename over it
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -397,7 +380,7 @@ def _check_same_layout(base: StateDict, tuned: StateDict) -> None:
     only_base, only_tuned = sorted(set(base) - set(tuned)), sorted(set(tuned) - set(base))
     if only_base or only_tuned:
         raise ValueError(
-            "base and tuned state dicts have different keys (merge LoRA / adapters into the plain network first): "
+            "base and tuned state dicts have different keys (merge LoRA into the plain network first; Adapter / spatial-adapter checkpoints add modules and have no delta): "
             f"only in base {only_base[:5]}, only in tuned {only_tuned[:5]}"
         )
     for key in tuned:

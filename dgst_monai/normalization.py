@@ -1,28 +1,237 @@
-"""The CT intensity normalisation a model was trained with, stored beside its checkpoint.
+"""The CT intensity normalisation a model was trained with: computed once, stored beside its checkpoint.
 
-Training normalises CT with statistics of its datalist (:func:`dgst_monai.data.datalists.ct_normalization`);
-inference has no datalist, so the training run writes the ``ScaleIntensityRanged`` arguments it used to
-``normalization.json`` in its checkpoint folder and the inference config reads them from beside the checkpoint.
+nnU-Net's CT normalisation clips the image to the 0.5 / 99.5 percentiles of the foreground (the voxels inside
+the labels) and z-scores it with the foreground mean and std. That is one clipped linear map, which MONAI's
+``ScaleIntensityRanged(clip=True)`` does with ``a_min``, ``a_max``, ``b_min``, ``b_max``
+(:func:`scale_intensity_range`). Its four statistics (``intensity_properties``) come from one of:
+
+* a datalist's ``intensity_properties`` (:func:`dgst_monai.data.datalists.ct_normalization`), written by
+  ``dgst-monai data index`` / ``data synth`` over the training cases;
+* exactly the given cases, e.g. the k shots of a fine-tune (:func:`normalization_from_cases`): no other
+  case's file is opened;
+* an nnU-Net v2 model's ``plans.json`` (:func:`normalization_from_nnunet_plans`).
+
+Both computed paths share :func:`foreground_sample` and :func:`intensity_properties_of`. A training run
+writes the arguments it used to ``normalization.json`` in its checkpoint folder (:func:`save_normalization`),
+and evaluation and inference read them from beside the checkpoint (:func:`load_normalization`).
+
+Example:
+    >>> from dgst_monai.normalization import scale_intensity_range
+    >>> scale_intensity_range({"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 40.0, "std": 60.0})
+    {'a_min': -100.0, 'a_max': 300.0, 'b_min': -2.3333333333333335, 'b_max': 4.333333333333333}
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import torch.distributed as dist
+import numpy as np
 
-__all__ = ["NORMALIZATION_FILE", "load_normalization", "save_normalization"]
+from dgst_monai.data.cases import case_id_of
+from dgst_monai.files import atomic_write_json, read_json
+
+__all__ = [
+    "DEFAULT_SAMPLES_PER_CASE",
+    "INTENSITY_STATISTICS",
+    "NORMALIZATION_FILE",
+    "foreground_sample",
+    "intensity_properties_of",
+    "load_normalization",
+    "normalization_from_cases",
+    "normalization_from_nnunet_plans",
+    "save_normalization",
+    "scale_intensity_range",
+]
 
 NORMALIZATION_FILE = "normalization.json"
+#: The foreground statistics of nnU-Net's CT fingerprint, as its plans and our datalists name them.
+INTENSITY_STATISTICS: tuple[str, ...] = ("percentile_00_5", "percentile_99_5", "mean", "std")
+#: Foreground voxels sampled per case (nnU-Net samples too: fast and memory-flat on large cohorts).
+DEFAULT_SAMPLES_PER_CASE = 10_000
 _KEYS = ("a_min", "a_max", "b_min", "b_max")
 
 
-def _check(values: Mapping[str, float], source: str) -> dict[str, float]:
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def foreground_sample(
+    image: np.ndarray,
+    label: np.ndarray,
+    case_id: str,
+    samples_per_case: int | None = DEFAULT_SAMPLES_PER_CASE,
+    seed: int = 0,
+) -> np.ndarray:
+    """The finite image values inside the label (``label > 0``) of one case, at most ``samples_per_case`` of
+    them, drawn with a generator seeded by ``seed`` and the case id.
+
+    Seeding by case id (not by position) makes a case contribute the same voxels whichever cases it is pooled
+    with and in whatever order; the draw is from the sorted values, so it does not depend on how a reader
+    orders the axes either (the phantom writer and ``data index`` get the same sample).
+
+    Args:
+        image: the CT in HU.
+        label: the label volume, same shape.
+        case_id: the case's id.
+        samples_per_case: the sample size (None: every foreground voxel).
+        seed: sampling seed.
+
+    Returns:
+        float64 values (empty if the label is empty).
+
+    Raises:
+        ValueError: the shapes differ.
+
+    Example::
+
+        values = foreground_sample(ct, mask, "hn_0003")
+    """
+    if image.shape != label.shape:
+        raise ValueError(f"case {case_id}: image shape {image.shape} differs from label shape {label.shape}")
+    values = np.asarray(image[label > 0], dtype=np.float64)
+    # sorted: the sample then depends on the values only, not on the array's axis order (a reader's layout)
+    values = np.sort(values[np.isfinite(values)])
+    if samples_per_case is not None and values.size > samples_per_case:
+        digest = int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
+        values = np.random.default_rng([int(seed), digest]).choice(values, int(samples_per_case), replace=False)
+    return values
+
+
+def intensity_properties_of(samples: Iterable[np.ndarray]) -> dict[str, float] | None:
+    """nnU-Net's CT fingerprint of pooled foreground values: percentiles 0.5 / 99.5, mean and std (ddof 0).
+
+    Args:
+        samples: per-case foreground values (:func:`foreground_sample`).
+
+    Returns:
+        ``{"percentile_00_5", "percentile_99_5", "mean", "std"}``, or None when there is no foreground voxel
+        at all: datalists store that as ``null``, and :func:`scale_intensity_range` refuses it.
+
+    Example::
+
+        props = intensity_properties_of(foreground_sample(ct, mask, cid) for cid, ct, mask in cases)
+    """
+    pooled = [np.asarray(s, dtype=np.float64).ravel() for s in samples]
+    values = np.concatenate(pooled) if pooled else np.zeros(0)
+    if values.size == 0:
+        return None
+    return {
+        "percentile_00_5": float(np.percentile(values, 0.5)),
+        "percentile_99_5": float(np.percentile(values, 99.5)),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+    }
+
+
+def scale_intensity_range(
+    properties: Mapping[str, Any] | None, source: str = "intensity properties"
+) -> dict[str, float]:
+    """``ScaleIntensityRanged`` arguments doing nnU-Net's CT normalisation with these foreground statistics.
+
+    Args:
+        properties: ``percentile_00_5``, ``percentile_99_5``, ``mean``, ``std`` (other keys are ignored).
+        source: where they come from, for error messages.
+
+    Returns:
+        ``{"a_min", "a_max", "b_min", "b_max"}``: clip to the percentiles, subtract the mean, divide by the std.
+
+    Raises:
+        ValueError: no statistics (an empty foreground), missing keys, or implausible values.
+
+    Example::
+
+        transform = ScaleIntensityRanged("image", **scale_intensity_range(props), clip=True)
+    """
+    if properties is None:
+        raise ValueError(
+            f"{source}: no foreground statistics (the labels hold no foreground voxel), so the CT normalisation "
+            "is undefined; label at least one lymph node in the cases used"
+        )
+    missing = [k for k in INTENSITY_STATISTICS if properties.get(k) is None]
+    if missing:
+        raise ValueError(f"{source}: intensity statistics lack {missing}; expected {INTENSITY_STATISTICS}")
+    lo, hi, mean, std = (float(properties[k]) for k in INTENSITY_STATISTICS)
+    if not all(math.isfinite(v) for v in (lo, hi, mean, std)) or not (hi > lo and std > 0):
+        raise ValueError(f"{source}: implausible intensity statistics {dict(properties)}")
+    return {"a_min": lo, "a_max": hi, "b_min": (lo - mean) / std, "b_max": (hi - mean) / std}
+
+
+def normalization_from_cases(
+    cases: Sequence[Mapping[str, Any]],
+    base_dir: str | os.PathLike[str] | None = None,
+    samples_per_case: int | None = DEFAULT_SAMPLES_PER_CASE,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The CT normalisation estimated from exactly ``cases``, e.g. the k shots of a fine-tune.
+
+    Only these cases' image and label files are read. The statistics are those ``dgst-monai data index``
+    writes for a datalist's training cases (same sampling), so over the same cases both paths agree.
+
+    Args:
+        cases: datalist entries with ``image`` and ``label`` paths (and ``case_id``), e.g. from
+            :func:`dgst_monai.data.datalists.few_shot`.
+        base_dir: folder that relative paths are relative to (default: the working directory).
+        samples_per_case: foreground voxels sampled per case (None: all).
+        seed: sampling seed.
+
+    Returns:
+        ``ScaleIntensityRanged`` arguments (``a_min``, ``a_max``, ``b_min``, ``b_max``).
+
+    Raises:
+        ValueError: no case, or no labelled voxel in any of them.
+
+    Example::
+
+        shots = dgst_monai.data.datalists.few_shot(training_cases, shots=1, seed=0)
+        intensity = normalization_from_cases(shots)
+    """
+    from dgst_monai.data.index import intensity_properties  # reads images: SimpleITK only when used
+
+    if not cases:
+        raise ValueError("normalization_from_cases needs at least one case with an image and a label")
+    props = intensity_properties(cases, base_dir=base_dir, samples_per_case=samples_per_case, seed=seed)
+    ids = [case_id_of(c, i) for i, c in enumerate(cases)]
+    return scale_intensity_range(props, f"cases {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+
+
+def normalization_from_nnunet_plans(plans: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, float]:
+    """The CT normalisation of an nnU-Net v2 model: its plans' ``foreground_intensity_properties_per_channel``.
+
+    Args:
+        plans: the plans (a dict) or the path of ``plans.json``.
+
+    Returns:
+        ``ScaleIntensityRanged`` arguments for channel 0.
+
+    Raises:
+        FileNotFoundError: no such plans file.
+        ValueError: not JSON, or no channel-0 foreground intensity properties.
+
+    Example::
+
+        intensity = normalization_from_nnunet_plans("nnUNet_results/Dataset001_LN/.../plans.json")
+    """
+    source = "nnU-Net plans"
+    if not isinstance(plans, Mapping):
+        source = f"nnU-Net plans {plans}"
+        plans = read_json(plans, "nnU-Net plans")
+    per_channel = plans.get("foreground_intensity_properties_per_channel") if isinstance(plans, Mapping) else None
+    channel = per_channel.get("0") if isinstance(per_channel, Mapping) else None
+    if not isinstance(channel, Mapping):
+        raise ValueError(
+            f"{source}: no foreground_intensity_properties_per_channel['0'] (is it an nnU-Net v2 plans file?)"
+        )
+    return scale_intensity_range(channel, f"{source}, foreground_intensity_properties_per_channel['0']")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _check(values: Mapping[str, Any], source: str) -> dict[str, float]:
     missing = [k for k in _KEYS if k not in values]
     if missing:
         raise ValueError(f"{source}: normalisation lacks {missing}; expected the ScaleIntensityRanged keys {_KEYS}")
@@ -46,17 +255,18 @@ def save_normalization(folder: str | os.PathLike[str], intensity: Mapping[str, f
 
     Raises:
         ValueError: missing keys or implausible values.
+
+    Example::
+
+        save_normalization("models", normalization_from_cases(shots))
     """
+    import torch.distributed as dist
+
     values = _check(intensity, "save_normalization")
     path = Path(folder) / NORMALIZATION_FILE
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return str(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(values, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, values)
     return str(path)
 
 
@@ -72,6 +282,10 @@ def load_normalization(checkpoint: str | os.PathLike[str]) -> dict[str, float]:
     Raises:
         FileNotFoundError: no ``normalization.json`` beside the checkpoint (the message says how to supply one).
         ValueError: the file is not valid.
+
+    Example::
+
+        intensity = load_normalization("models/model.pt")
     """
     ckpt = Path(checkpoint)
     path = (ckpt if ckpt.is_dir() else ckpt.parent) / NORMALIZATION_FILE
@@ -81,10 +295,7 @@ def load_normalization(checkpoint: str | os.PathLike[str]) -> dict[str, float]:
             "beside model.pt; for other weights override `intensity` with the training set's values, e.g. "
             "--intensity \"$dgst_monai.data.datalists.ct_normalization('<training datalist.json>')\""
         )
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    values = read_json(path, "normalization file")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object with keys {_KEYS}")
     return _check(values, str(path))

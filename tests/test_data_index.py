@@ -152,7 +152,8 @@ def test_intensity_sampling_is_seeded_and_bounded(tmp_path: Path) -> None:
 def test_index_command_line(tmp_path: Path) -> None:
     make_segrap(tmp_path / "data", n=2)
     out = tmp_path / "dl.json"
-    text = fire.Fire(DataCommands, command=["index", str(tmp_path / "data"), "--dataset", "segrap2023", "-o", str(out)])
+    command = ["index", str(tmp_path / "data"), "--dataset", "segrap2023", "--output", str(out)]
+    text = fire.Fire(DataCommands, command=command)
     assert text.startswith(f"wrote {out}: 2 training and 0 test cases")
     with pytest.raises(ValueError, match="--mask_dir do\\(es\\) not apply to --dataset segrap2023"):
         DataCommands().index(str(tmp_path / "data"), "segrap2023", str(out), mask_dir="x")

@@ -16,8 +16,15 @@ from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice, from_engine
 
-from dgst_monai.handlers.evaluation_report import EvaluationReport, case_id_from_path
-from dgst_monai.handlers.surface_dice import SurfaceDiceHandler
+from data_helpers import ct_volume, write
+from monai.data import Dataset
+from monai.transforms import AsDiscreted, Compose, EnsureChannelFirstd, LoadImaged
+
+from dgst_monai.data.datalists import load_split
+from dgst_monai.data.index import index_dataset
+from dgst_monai.data.readers import SimpleITKReader
+from dgst_monai.data.splits import make_splits
+from dgst_monai.handlers import EvaluationReport, SurfaceDiceHandler
 from dgst_monai.metrics import dice, summarize, surface_dice
 
 SHAPE = (10, 10, 10)
@@ -285,17 +292,52 @@ def test_surface_dice_handler_empty_cases_and_missing_affine() -> None:
         handler.update(([plain], [plain]))
 
 
-def test_case_id_from_path() -> None:
-    assert case_id_from_path("/data/segrap_0001/image.nii.gz") == "segrap_0001"
-    assert case_id_from_path("/data/segrap_0001/image_contrast.nii.gz") == "segrap_0001"
-    assert case_id_from_path("/data/case_001.NII.GZ") == "case_001"
-    assert case_id_from_path("/data/lnq/lnq_0002-ct.nrrd") == "lnq_0002-ct"
-    assert case_id_from_path("/data/RADCURE-0001/") == "RADCURE-0001"  # a DICOM series folder
+def test_report_rows_use_the_case_id_of_the_datalist(tmp_path: Path) -> None:
+    """An LNQ2023 case is ``LNQ2023_0007`` in the datalist, in splits.json and in per_case_metrics.csv (its image
+    file is ``LNQ2023_0007-ct.nrrd``), evaluated from files through a real MONAI evaluator."""
+    hu, label = ct_volume(shape=(16, 16, 8))
+    for i in range(7, 12):
+        write(tmp_path / "lnq" / f"LNQ2023_{i:04d}-ct.nrrd", hu)
+        write(tmp_path / "lnq" / f"LNQ2023_{i:04d}-seg.nrrd", label)
+    datalist, _ = index_dataset(tmp_path / "lnq", "lnq2023", tmp_path / "datalist.json", verbose=False)
+    splits = make_splits(datalist, shots=[1], seeds=[0], output=tmp_path / "splits.json")
+    test = load_split(tmp_path / "splits.json", "test")
+    assert [c["case_id"] for c in test] == [c["case_id"] for c in splits["test"]] and len(test) == 1
+
+    load = Compose([
+        LoadImaged(["image", "label"], reader=SimpleITKReader, image_only=True),
+        EnsureChannelFirstd(["image", "label"]),
+        AsDiscreted("label", to_onehot=2),
+    ])
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(test, load), batch_size=1),
+        network=torch.nn.Identity(),
+        # the label scored against itself: this test is about the row names
+        key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["label", "label"]))},
+    )
+    EvaluationReport(output_dir=tmp_path / "eval", metric_names=["dice"]).attach(evaluator)
+    evaluator.run()
+    with open(tmp_path / "eval" / "per_case_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == [c["case_id"] for c in splits["test"]]
+    assert rows[0]["case_id"].startswith("LNQ2023_") and not rows[0]["case_id"].endswith("-ct")
+    assert float(rows[0]["dice"]) == 1.0
+
+
+def test_report_refuses_batches_without_case_names(tmp_path: Path) -> None:
+    report = EvaluationReport(output_dir=tmp_path, metric_names=["dice"])
+    assert report.batch_case_ids({"case_id": ["a", "b"], "image": torch.zeros(2)}) == ["a", "b"]
+    assert report.batch_case_ids([{"case_id": "a"}, {"case_id": "b"}]) == ["a", "b"]
+    with pytest.raises(ValueError, match="has no 'case_id'.*Give the datalist entries a `case_id`"):
+        report.batch_case_ids({"image": torch.zeros(1)})
+    with pytest.raises(ValueError, match="type int"):
+        report.batch_case_ids(3)
 
 
 def test_evaluation_report_refuses_nan_and_count_mismatch(tmp_path: Path) -> None:
     report = EvaluationReport(output_dir=tmp_path, metric_names=["dice"])
-    report._filenames = ["/d/a.nii.gz", "/d/b.nii.gz"]
+    report._filenames = ["a", "b"]  # the case ids MetricsSaver collected
     engine = SimpleNamespace(state=SimpleNamespace(metric_details={"dice": torch.tensor([[0.5], [float("nan")]])}))
     with pytest.raises(ValueError, match=r"not finite.*\['b'\]"):
         report(engine)  # type: ignore[arg-type]

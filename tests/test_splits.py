@@ -139,7 +139,7 @@ def test_few_shot_with_an_edited_splits_file(tmp_path: Path) -> None:
 def test_split_command_line(tmp_path: Path) -> None:
     datalist = _datalist(tmp_path, 10)
     out = tmp_path / "s.json"
-    command = ["split", str(datalist), "--shots", "1,2,3", "--seeds", "0,1", "-o", str(out)]
+    command = ["split", str(datalist), "--shots", "1,2,3", "--seeds", "0,1", "--output", str(out)]
     text = fire.Fire(DataCommands, command=command)
     assert "8 training / 2 test cases" in text and "seed 1   3-shot" in text
     content = json.loads(out.read_text())

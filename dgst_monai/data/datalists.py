@@ -11,6 +11,10 @@ from typing import Any
 
 from monai.data import load_decathlon_datalist
 
+from dgst_monai.data.cases import CASE_ID_KEY, with_case_ids
+from dgst_monai.files import atomic_write_json, read_json
+from dgst_monai.normalization import INTENSITY_STATISTICS, scale_intensity_range
+
 
 def synthetic_datalist(folder: str | Path, domain: str = "hn", n: int = 20, seed: int = 0, **knobs: Any) -> str:
     """Path of a synthetic CT datalist in ``folder``, generating the phantoms first if they are not there.
@@ -30,29 +34,43 @@ def synthetic_datalist(folder: str | Path, domain: str = "hn", n: int = 20, seed
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     written = write_synthetic_dataset(folder, domain=domain, n=n, seed=seed, **knobs)
-    stamp.write_text(json.dumps(wanted))
+    atomic_write_json(stamp, wanted)
     return str(written)
 
 
 def _read(datalist: str | Path) -> dict[str, Any]:
-    path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {path} is not valid JSON: {err}") from None
+    return read_json(datalist, "datalist")
 
 
 def load_split(datalist: str | Path, split: str = "training") -> list[dict[str, Any]]:
-    """The cases of ``split`` with paths made absolute, checking that every image and label file exists."""
+    """The cases of ``split`` with paths made absolute, each with its ``case_id``, checking that every image
+    and label file exists (without reading any).
+
+    Entries without a ``case_id`` get the one :func:`dgst_monai.data.cases.case_id_of` derives, so every batch
+    carries the id that splits and reports use.
+
+    Raises:
+        KeyError: the datalist has no such list.
+        ValueError: two entries have the same case id.
+        FileNotFoundError: an image or label file is missing (all are listed).
+
+    Example::
+
+        test_cases = load_split("datalist.json", "test")  # [{"case_id": ..., "image": ..., "label": ...}, ...]
+    """
     content = _read(datalist)
     if split not in content:
         raise KeyError(f"datalist {datalist} has no {split!r} list (it has: {', '.join(content)})")
-    cases = load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=split)
+    loaded = load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=split)
+    # MONAI turns every string that names an existing path beside the datalist into that path: a case id equal
+    # to its case folder's name (SegRap's layout, with the datalist in the download) must stay the id
+    for case, entry in zip(loaded, content[split]):
+        if isinstance(entry, dict) and CASE_ID_KEY in entry:
+            case[CASE_ID_KEY] = entry[CASE_ID_KEY]
+    cases = with_case_ids(loaded, source=f"datalist {datalist}, split {split!r}")
     missing = [
-        f"{case.get('case_id', i)}: {key} {case[key]}"
-        for i, case in enumerate(cases)
+        f"{case['case_id']}: {key} {case[key]}"
+        for case in cases
         for key in ("image", "label")
         if key in case and not Path(case[key]).exists()
     ]
@@ -74,17 +92,16 @@ def few_shot(
     Raises:
         ValueError: ``shots`` out of range, duplicate case ids, or a splits file whose ids are not in ``cases``.
         KeyError: ``splits`` has no subset for this seed and number of shots.
+
+    Example::
+
+        shots = few_shot(load_split("datalist.json"), shots=5, seed=0)  # each entry with its case_id
     """
-    from dgst_monai.data.splits import case_id_of, nested_shots
+    from dgst_monai.data.splits import nested_shots
 
     if isinstance(shots, bool) or not 1 <= int(shots) <= len(cases):
         raise ValueError(f"shots must be between 1 and the {len(cases)} available training cases, got {shots}")
-    by_id: dict[str, dict[str, Any]] = {}
-    for i, case in enumerate(cases):
-        cid = case_id_of(case, i)
-        if cid in by_id:
-            raise ValueError(f"duplicate case id {cid!r} among the training cases")
-        by_id[cid] = case
+    by_id = {case["case_id"]: case for case in with_case_ids(cases, source="the training cases")}
     if splits is None:
         chosen = nested_shots(list(by_id), [int(shots)], int(seed))[int(shots)]
     else:
@@ -110,17 +127,22 @@ def holdout(cases: list[dict[str, Any]], n_validation: int) -> tuple[list[dict[s
 def ct_normalization(datalist: str | Path) -> dict[str, float]:
     """``ScaleIntensityRanged`` arguments for nnU-Net's CT normalisation from the datalist's statistics.
 
-    nnU-Net clips CT to the 0.5 / 99.5 percentiles of the foreground and z-scores it with the foreground mean
-    and std; that is one linear map with clipping, which ``ScaleIntensityRanged(clip=True)`` does.
+    The datalist's ``intensity_properties`` (written by ``dgst-monai data index`` / ``data synth`` over its
+    training cases) go through :func:`dgst_monai.normalization.scale_intensity_range`; to estimate them from
+    some cases only (the shots of a fine-tune), use :func:`dgst_monai.normalization.normalization_from_cases`.
+
+    Raises:
+        KeyError: the datalist has no ``intensity_properties``.
+        ValueError: they are null (no labelled voxel in its training cases) or implausible.
+
+    Example::
+
+        intensity = ct_normalization("datalist.json")  # {"a_min": ..., "a_max": ..., "b_min": ..., "b_max": ...}
     """
-    props = _read(datalist).get("intensity_properties")
-    needed = ("percentile_00_5", "percentile_99_5", "mean", "std")
-    if not isinstance(props, dict) or any(k not in props for k in needed):
+    content = _read(datalist)
+    if "intensity_properties" not in content:
         raise KeyError(
-            f"datalist {datalist} lacks intensity_properties {needed}: build it with `dgst-monai data index` "
-            "or add the foreground HU statistics"
+            f"datalist {datalist} lacks intensity_properties {INTENSITY_STATISTICS}: build it with `dgst-monai data "
+            "index` or add the foreground HU statistics"
         )
-    lo, hi, mean, std = (float(props[k]) for k in needed)
-    if not (hi > lo and std > 0):
-        raise ValueError(f"datalist {datalist}: implausible intensity_properties {props}")
-    return {"a_min": lo, "a_max": hi, "b_min": (lo - mean) / std, "b_max": (hi - mean) / std}
+    return scale_intensity_range(content["intensity_properties"], f"datalist {datalist}")

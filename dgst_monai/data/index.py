@@ -26,15 +26,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 
-from dgst_monai.data.readers import SUFFIXES, read_image
+from dgst_monai.data.cases import VOLUME_SUFFIXES, case_id_of
+from dgst_monai.data.readers import read_image
+from dgst_monai.files import atomic_write_json
+from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE, foreground_sample, intensity_properties_of
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -190,9 +192,9 @@ def _radcure(root: Path, opts: dict[str, Any]) -> Discovery:
     pattern: str = opts["mask_pattern"]
     if "{case}" not in pattern:
         raise ValueError(f"mask_pattern must contain '{{case}}', got {pattern!r}")
-    if not pattern.lower().endswith(SUFFIXES):
+    if not pattern.lower().endswith(VOLUME_SUFFIXES):
         raise ValueError(
-            f"mask_pattern {pattern!r}: masks must be NIfTI, NRRD or MetaImage files ({', '.join(SUFFIXES)}); "
+            f"mask_pattern {pattern!r}: masks must be NIfTI, NRRD or MetaImage files ({', '.join(VOLUME_SUFFIXES)}); "
             "DICOM-SEG and RTSTRUCT masks are not supported - convert them to a label volume on the CT grid first"
         )
     mask_root = Path(opts["mask_dir"] or opts["label_dir"] or root).expanduser().resolve()
@@ -225,7 +227,7 @@ def _nnunet(root: Path, opts: dict[str, Any]) -> Discovery:
     ending = meta.get("file_ending")
     if ending is None:
         names = [p.name for p in (root / "imagesTr").glob("*_0000.*")]
-        ending = next((s for s in SUFFIXES if names and all(n.endswith(s) for n in names)), ".nii.gz")
+        ending = next((s for s in VOLUME_SUFFIXES if names and all(n.endswith(s) for n in names)), ".nii.gz")
     channels = meta.get("channel_names") or meta.get("modality") or {}
     if len(channels) > 1:
         first = channels.get("0", "?")
@@ -253,20 +255,24 @@ def _nnunet(root: Path, opts: dict[str, Any]) -> Discovery:
 
 
 def intensity_properties(
-    cases: Sequence[FoundCase | dict[str, Any]],
+    cases: Sequence[FoundCase | Mapping[str, Any]],
     base_dir: str | os.PathLike[str] | None = None,
-    samples_per_case: int = 10_000,
+    samples_per_case: int | None = DEFAULT_SAMPLES_PER_CASE,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, float] | None:
     """nnU-Net's CT fingerprint over ``cases``: percentiles 0.5 / 99.5, mean and std of labelled voxels.
 
+    Reads the image and label of exactly these cases; the statistics are
+    :func:`dgst_monai.normalization.intensity_properties_of` of each case's
+    :func:`~dgst_monai.normalization.foreground_sample`.
+
     Args:
         cases: :class:`FoundCase` objects or datalist entries (``image`` / ``label`` paths, relative ones
             resolved against ``base_dir``).
         base_dir: folder that relative paths are relative to.
-        samples_per_case: at most this many foreground voxels per case, drawn with a seeded generator
-            (nnU-Net samples too; it keeps the pass fast and memory flat).
+        samples_per_case: at most this many foreground voxels per case, drawn with a generator seeded by
+            ``seed`` and the case id (None: all of them).
         seed: sampling seed.
         progress: called with one line per case (e.g. ``print``).
 
@@ -275,14 +281,18 @@ def intensity_properties(
 
     Raises:
         ValueError: an image and its label differ in size (run ``dgst-monai data check`` first).
+
+    Example::
+
+        props = intensity_properties(load_split("datalist.json", "training"))
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    values: list[np.ndarray] = []
+    samples = []
     for i, case in enumerate(cases):
         if isinstance(case, FoundCase):
             cid, image_path, label_path = case.case_id, case.image, case.label
         else:
-            cid = str(case.get("case_id", f"#{i}"))
+            cid = case_id_of(case, i)
             image_path, label_path = base / case["image"], base / case["label"]
         image = sitk.GetArrayFromImage(read_image(image_path))
         label = sitk.GetArrayFromImage(read_image(label_path))
@@ -291,22 +301,10 @@ def intensity_properties(
                 f"case {cid}: image {image_path} has shape {image.shape[::-1]} but label {label_path} has "
                 f"{label.shape[::-1]}; run `dgst-monai data check` on the datalist"
             )
-        fg = np.asarray(image[label > 0], dtype=np.float64)
-        if fg.size > samples_per_case:
-            fg = np.random.default_rng([seed, i]).choice(fg, samples_per_case, replace=False)
-        values.append(fg)
+        samples.append(foreground_sample(image, label, cid, samples_per_case, seed))
         if progress is not None:
-            progress(f"  intensity: {cid} ({fg.size} foreground voxels sampled)")
-    v = np.concatenate(values) if values else np.zeros(0)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return None
-    return {
-        "percentile_00_5": float(np.percentile(v, 0.5)),
-        "percentile_99_5": float(np.percentile(v, 99.5)),
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-    }
+            progress(f"  intensity: {cid} ({samples[-1].size} foreground voxels sampled)")
+    return intensity_properties_of(samples)
 
 
 def index_dataset(
@@ -314,7 +312,7 @@ def index_dataset(
     dataset: str,
     output: str | os.PathLike[str],
     absolute: bool = False,
-    samples_per_case: int = 10_000,
+    samples_per_case: int | None = DEFAULT_SAMPLES_PER_CASE,
     seed: int = 0,
     verbose: bool = True,
     **options: Any,
@@ -372,8 +370,5 @@ def index_dataset(
         "training": lists["training"],
         "test": lists["test"],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(datalist, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_json(out, datalist)
     return out, found

@@ -68,11 +68,9 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import math
 import os
 import pathlib
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +88,8 @@ from dgst_monai.data.phantom_anatomy import (
     build_anatomy,
     place_nodes,
 )
+from dgst_monai.files import atomic_write, atomic_write_json
+from dgst_monai.normalization import foreground_sample, intensity_properties_of
 
 __all__ = [
     "DOMAINS",
@@ -622,18 +622,6 @@ def synthesize_case(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_nifti(
     path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray, compresslevel: int = 1
 ) -> pathlib.Path:
@@ -662,20 +650,8 @@ def write_nifti(
         with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=compresslevel, mtime=0) as gz:
             gz.write(raw)
         raw = buf.getvalue()
-    _atomic_write(path, raw)
+    atomic_write(path, raw)
     return path
-
-
-def _intensity_properties(values: list[np.ndarray]) -> dict[str, float]:
-    v = np.concatenate(values).astype(np.float64) if values else np.zeros(0)
-    if v.size == 0:
-        return {"percentile_00_5": None, "percentile_99_5": None, "mean": None, "std": None}  # type: ignore[dict-item]
-    return {
-        "percentile_00_5": float(np.percentile(v, 0.5)),
-        "percentile_99_5": float(np.percentile(v, 99.5)),
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-    }
 
 
 def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -700,7 +676,9 @@ def write_synthetic_dataset(
     case. Every file is written atomically and the datalist last, so a datalist only exists for a complete set.
 
     The datalist's ``intensity_properties`` is nnU-Net's CT fingerprint: HU percentiles 0.5 and 99.5, mean
-    and std of the voxels inside the lymph-node labels of the training cases.
+    and std of the voxels inside the lymph-node labels of the training cases, sampled as ``dgst-monai data
+    index`` samples them (:func:`dgst_monai.normalization.foreground_sample`), so indexing the written files
+    gives the same numbers; ``null`` when no training case has a node.
 
     Args:
         out_dir: output folder (created if needed; files of the same names are replaced).
@@ -747,7 +725,7 @@ def write_synthetic_dataset(
         (test if is_test else training).append({"case_id": case_id, "image": rel_img, "label": rel_lab})
         case_seeds[case_id] = case_seed
         if not is_test:
-            fg_values.append(case.image[case.label > 0])
+            fg_values.append(foreground_sample(case.image, case.label, case_id))
 
     datalist = {
         "name": f"dgst_synthetic_{domain}",
@@ -759,7 +737,7 @@ def write_synthetic_dataset(
         ),
         "labels": {"0": "background", "1": "lymph_node"},
         "modality": {"0": "CT"},
-        "intensity_properties": _intensity_properties(fg_values),
+        "intensity_properties": intensity_properties_of(fg_values),
         "knobs": _jsonable(resolved),
         "seed": seed,
         "case_seeds": case_seeds,
@@ -768,6 +746,4 @@ def write_synthetic_dataset(
         "training": training,
         "test": test,
     }
-    path = out / "datalist.json"
-    _atomic_write(path, (json.dumps(datalist, indent=2) + "\n").encode())
-    return path
+    return atomic_write_json(out / "datalist.json", datalist)

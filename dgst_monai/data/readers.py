@@ -27,8 +27,9 @@ import SimpleITK as sitk
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from dgst_monai.data.cases import has_volume_suffix
+
 __all__ = [
-    "SUFFIXES",
     "Geometry",
     "SimpleITKReader",
     "dicom_series_files",
@@ -38,14 +39,9 @@ __all__ = [
     "read_image",
 ]
 
-#: File suffixes read by SimpleITK here (a folder is read as a DICOM series).
-SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
 def is_supported_path(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder (DICOM series) or has one of :data:`SUFFIXES`."""
-    p = Path(path)
-    return p.is_dir() or p.name.lower().endswith(SUFFIXES)
+    """Whether ``path`` is a folder (DICOM series) or a volume file (:data:`dgst_monai.data.cases.VOLUME_SUFFIXES`)."""
+    return Path(path).is_dir() or has_volume_suffix(path)
 
 
 def dicom_series_files(folder: str | os.PathLike[str], series_uid: str | None = None) -> list[str]:
@@ -240,7 +236,7 @@ class SimpleITKReader(ImageReader):
         self.kwargs = kwargs
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> bool:
-        """True if every name is a DICOM folder or has a supported suffix (see :data:`SUFFIXES`)."""
+        """True if every name is a DICOM folder or a volume file (:data:`dgst_monai.data.cases.VOLUME_SUFFIXES`)."""
         return all(is_supported_path(f) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], **kwargs: Any) -> Any:

@@ -20,29 +20,16 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["case_id_of", "make_splits", "nested_shots", "parse_int_list", "ranked", "train_test_split"]
+from dgst_monai.data.cases import with_case_ids
+from dgst_monai.files import atomic_write_json, read_json
+from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE
 
-
-def case_id_of(case: dict[str, Any], index: int = 0) -> str:
-    """A case's id: its ``case_id`` entry, else its image file name without extension(s)."""
-    if case.get("case_id"):
-        return str(case["case_id"])
-    image = case.get("image")
-    if isinstance(image, (list, tuple)):
-        image = image[0] if image else None
-    if isinstance(image, str) and image:
-        name = Path(image.rstrip("/\\")).name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return name
-    return f"#{index}"
+__all__ = ["make_splits", "nested_shots", "parse_int_list", "ranked", "train_test_split"]
 
 
 def ranked(case_ids: Iterable[str], seed: int, purpose: str) -> list[str]:
@@ -134,7 +121,7 @@ def make_splits(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     intensity: str = "auto",
-    samples_per_case: int = 10_000,
+    samples_per_case: int | None = DEFAULT_SAMPLES_PER_CASE,
 ) -> dict[str, Any]:
     """Deterministic train/test split and nested few-shot subsets of a datalist; optionally written as JSON.
 
@@ -170,23 +157,14 @@ def make_splits(
     if intensity not in ("auto", "train", "copy"):
         raise ValueError(f"intensity must be 'auto', 'train' or 'copy', got {intensity!r}")
     src = Path(datalist)
-    try:
-        content = json.loads(src.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"datalist {src} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {src} is not valid JSON: {err}") from None
+    content = read_json(src, "datalist")
     training = [dict(c) for c in content.get("training") or []]
     given_test = [dict(c) for c in content.get("test") or [] if isinstance(c, dict)]
     if not training:
         raise ValueError(f"datalist {src} has no training cases")
-    by_id: dict[str, dict[str, Any]] = {}
-    for i, case in enumerate(training + given_test):
-        cid = case_id_of(case, i)
-        if cid in by_id:
-            raise ValueError(f"datalist {src}: duplicate case id {cid!r}; run `dgst-monai data check {src}`")
-        case["case_id"] = cid
-        by_id[cid] = case
+    cases = with_case_ids(training + given_test, f"datalist {src}")  # ids unique across both lists
+    training, given_test = cases[: len(training)], cases[len(training) :]
+    by_id = {case["case_id"]: case for case in cases}
 
     made_test = not given_test
     if made_test:
@@ -244,9 +222,5 @@ def make_splits(
         "few_shot": few,
     }
     if output is not None:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_json(output, result)
     return result

@@ -38,7 +38,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dgst_monai.data.readers import Geometry, read_header, read_image
-from dgst_monai.data.splits import case_id_of
+from dgst_monai.data.cases import NIFTI_SUFFIXES, case_id_of
 
 __all__ = ["Problem", "Tolerances", "check_datalist", "format_problems"]
 
@@ -207,10 +207,14 @@ def _check_case(
     return out
 
 
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
 def _voxels(path: Path) -> np.ndarray:
     """The voxel values as stored: nibabel for NIfTI (ITK's NIfTI reader turns NaN and inf into 0, MONAI's
     default NIfTI reader does not), SimpleITK otherwise (axis order does not matter to the checks)."""
-    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+    if _is_nifti(path):
         import nibabel as nib
 
         with warnings.catch_warnings():
@@ -325,7 +329,7 @@ def _raw_nifti_header(path: Path) -> Any:
 
 def _nifti_pixdim(path: Path) -> tuple[float, float, float] | None:
     """The raw ``pixdim[1:4]`` of a NIfTI header (None for other formats or an unreadable header)."""
-    if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+    if not _is_nifti(path):
         return None
     try:
         pixdim = _raw_nifti_header(path)["pixdim"][1:4]
@@ -336,8 +340,7 @@ def _nifti_pixdim(path: Path) -> tuple[float, float, float] | None:
 
 def _nifti_problem(path: Path) -> str | None:
     """A truncated or corrupt NIfTI voxel block (None if complete or not NIfTI)."""
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
+    if not _is_nifti(path):
         return None
     try:
         header = _raw_nifti_header(path)
@@ -345,7 +348,7 @@ def _nifti_problem(path: Path) -> str | None:
         expected = int(header.get_data_offset()) + n_bytes
     except Exception as err:  # noqa: BLE001
         return f"unreadable NIfTI header: {err}"
-    if name.endswith(".gz"):
+    if path.name.lower().endswith(".gz"):
         size = 0
         try:
             with gzip.open(path, "rb") as fh:

@@ -1,1 +1,24 @@
-"""Ignite handlers: thin adapters of dgst_monai's core to MONAI engines."""
+"""Ignite handlers for MONAI engines: fine-tuning (DGST and the other methods), training state, metrics, reports.
+
+Configs name them as ``dgst_monai.handlers.<Class>``, e.g. ``{"_target_": "dgst_monai.handlers.EvaluationReport",
+"output_dir": "eval", "metric_names": ["dice", "nsd_1mm"]}``.
+"""
+
+from __future__ import annotations
+
+from dgst_monai.handlers.dgst_handler import DGSTHandler
+from dgst_monai.handlers.evaluation_report import EvaluationReport
+from dgst_monai.handlers.size_prior import SizePriorHandler, support_fraction
+from dgst_monai.handlers.surface_dice import SurfaceDiceHandler
+from dgst_monai.handlers.training_state import AtomicDiskSaver, TrainingStateCheckpoint, latest_training_state
+
+__all__ = [
+    "AtomicDiskSaver",
+    "DGSTHandler",
+    "EvaluationReport",
+    "SizePriorHandler",
+    "SurfaceDiceHandler",
+    "TrainingStateCheckpoint",
+    "latest_training_state",
+    "support_fraction",
+]

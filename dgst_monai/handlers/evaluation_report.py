@@ -1,97 +1,43 @@
-"""Ignite handler writing an evaluator's per-case metrics (CSV) and their summary (JSON)."""
+"""Ignite handler writing an evaluator's per-case metrics (CSV) and their summary (JSON), on MONAI's MetricsSaver."""
 
 from __future__ import annotations
 
 import csv
-import io
-import json
 import os
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
-from pathlib import Path, PurePath
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
-from monai.data import MetaTensor, decollate_batch
-from monai.utils import string_list_all_gather
+from ignite.engine import Engine
+from monai.data import MetaTensor
+from monai.handlers import MetricsSaver
+from monai.utils import ImageMetaKey, string_list_all_gather
 
+from dgst_monai.data.cases import CASE_ID_KEY, case_id_from_path
+from dgst_monai.files import atomic_open, atomic_write_json
 from dgst_monai.metrics import summarize
 
 __all__ = ["EvaluationReport", "case_id_from_path"]
 
-#: Image file extensions stripped from file names to form case ids (longest first, matched case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".npz", ".npy", ".png", ".tiff", ".tif",
-)  # fmt: skip
 
-#: File stems that name a role, not a case (``segrap_0001/image.nii.gz``): the parent folder is the case id.
-GENERIC_STEMS: frozenset[str] = frozenset(
-    {"image", "img", "ct", "image_contrast", "label", "labels", "seg", "segmentation", "mask", "data", "volume"}
-)
+class EvaluationReport(MetricsSaver):
+    """Ignite handler that writes ``per_case_metrics.csv`` and ``summary.json`` when an evaluator's epoch ends.
 
-
-def case_id_from_path(path: str | os.PathLike[str], generic_stems: Collection[str] = GENERIC_STEMS) -> str:
-    """Case id of an image path: the file name without its image extension, or the parent folder's name
-    if that stem is generic.
-
-    Args:
-        path: the image's ``filename_or_obj`` (a file, or a folder such as a DICOM series).
-        generic_stems: lower-case stems meaning "the image of this folder's case".
-
-    Returns:
-        e.g. ``case_001`` for ``/data/case_001.nii.gz``, ``segrap_0001`` for ``/data/segrap_0001/image.nii.gz``.
-
-    Raises:
-        ValueError: if ``path`` is empty.
-
-    Example::
-
-        case_id_from_path("/data/segrap_0001/image.nii.gz")  # "segrap_0001"
-    """
-    p = PurePath(os.fspath(path))
-    name = p.name
-    if not name:
-        raise ValueError(f"cannot derive a case id from the empty path {path!r}.")
-    stem = name
-    for ext in IMAGE_EXTENSIONS:
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            stem = name[: -len(ext)]
-            break
-    if stem.lower() in generic_stems and p.parent.name:
-        return p.parent.name
-    return stem
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # same folder, so same file system: the rename is atomic
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-class EvaluationReport:
-    """Ignite handler that writes ``per_case_metrics.csv`` and ``summary.json`` when an evaluator completes.
+    It is MONAI's :class:`~monai.handlers.MetricsSaver` (which collects one row label per case at every
+    iteration and gathers them across ranks) with our two files instead of MONAI's: rows are named by the
+    ``case_id`` each batch carries (every datalist entry has one: :func:`dgst_monai.data.datalists.load_split`),
+    so the report names a case exactly as the datalist and ``splits.json`` do. A batch without ``case_id``
+    falls back to the id :func:`dgst_monai.data.cases.case_id_from_path` derives from the image's
+    ``filename_or_obj``, the same rule that gives datalist entries without one their id.
 
     Per-case values come from ``engine.state.metric_details`` (filled by MONAI metric handlers with
-    ``save_details=True``, e.g. ``MeanDice`` or
-    :class:`dgst_monai.handlers.surface_dice.SurfaceDiceHandler`), shape ``(n_cases, n_classes)``. Case ids
-    come from each batch's image meta ``filename_or_obj``, collected at every ``ITERATION_COMPLETED`` (as
-    MONAI's ``MetricsSaver`` does) and turned into ids by :func:`case_id_from_path`.
-
-    ``per_case_metrics.csv`` has columns ``case_id`` and one per metric (``<metric>_<i>`` per class index
-    ``i`` of the details if a metric has several classes). ``summary.json`` is
+    ``save_details=True``, e.g. ``MeanDice`` or :class:`dgst_monai.handlers.SurfaceDiceHandler`), shape
+    ``(n_cases, n_classes)``. ``per_case_metrics.csv`` has columns ``case_id`` and one per metric
+    (``<metric>_<i>`` per class index ``i`` if a metric has several classes). ``summary.json`` is
     ``{<column>: {"mean", "std", "n"}, "n_cases": n}``, the std being the population one (``ddof=0``). Both
     files are written atomically. Non-finite per-case values raise instead of being skipped: with MONAI's
     ``DiceMetric``, use ``ignore_empty=False`` to score empty labels (1.0 / 0.0) rather than NaN.
@@ -103,15 +49,16 @@ class EvaluationReport:
     Args:
         output_dir: folder for the two files (created if missing).
         metric_names: names of the engine's metrics to report, e.g. ``["dice", "nsd_1mm"]``.
-        image_key: key of the image in the batch, whose meta holds ``filename_or_obj``.
-        batch_transform: optional callable returning the meta data (dict of lists, or list of dicts) of
-            ``engine.state.batch``, as in ``MetricsSaver``; by default it is read from ``image_key``.
+        image_key: key of the image in the batch, whose meta holds ``filename_or_obj`` (the fallback).
+        batch_transform: optional callable returning the case ids (a list of str) of ``engine.state.batch``;
+            by default they are read as described above.
         csv_name: file name of the per-case table.
         summary_name: file name of the summary.
+        case_key: key of the case id in the batch.
 
     Example::
 
-        evaluator = SupervisedEvaluator(..., key_val_metric={"dice": MeanDice(...)},
+        evaluator = SupervisedEvaluator(..., key_val_metric={"dice": MeanDice(..., save_details=True)},
                                         additional_metrics={"nsd_1mm": SurfaceDiceHandler(tolerance_mm=1.0, ...)})
         EvaluationReport(output_dir="eval", metric_names=["dice", "nsd_1mm"]).attach(evaluator)
         evaluator.run()  # writes eval/per_case_metrics.csv and eval/summary.json
@@ -122,59 +69,55 @@ class EvaluationReport:
         output_dir: str | os.PathLike[str],
         metric_names: Sequence[str],
         image_key: str = "image",
-        batch_transform: Callable[[Any], Any] | None = None,
+        batch_transform: Callable[[Any], Sequence[str]] | None = None,
         csv_name: str = "per_case_metrics.csv",
         summary_name: str = "summary.json",
+        case_key: str = CASE_ID_KEY,
     ) -> None:
         if isinstance(metric_names, str) or not metric_names:
             raise ValueError(f"`metric_names` must be a non-empty list of metric names, got {metric_names!r}.")
         self.output_dir = Path(output_dir)
         self.metric_names = list(metric_names)
         self.image_key = image_key
-        self.batch_transform = batch_transform
+        self.case_key = case_key
         self.csv_name = csv_name
         self.summary_name = summary_name
-        self._filenames: list[str] = []
+        case_ids = batch_transform if batch_transform is not None else self.batch_case_ids
+        # MetricsSaver labels each row with the `filename_or_obj` its batch_transform returns: ours is the case id
+        super().__init__(
+            save_dir=str(self.output_dir),
+            metrics=None,
+            metric_details=self.metric_names,
+            batch_transform=lambda batch: [{ImageMetaKey.FILENAME_OR_OBJ: str(c)} for c in case_ids(batch)],
+        )
 
-    def attach(self, engine: Engine) -> None:
-        """Register on ``engine``: reset at each epoch start, collect ids per iteration, write at completion.
+    def batch_case_ids(self, batch: Any) -> list[str]:
+        """The case ids of a batch, collated (dict of lists) or decollated (list of dicts).
 
-        Args:
-            engine: the evaluator.
+        Raises:
+            ValueError: a case has neither a ``case_key`` entry nor image meta data with ``filename_or_obj``.
         """
-        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect_filenames)
-        engine.add_event_handler(Events.COMPLETED, self)
+        if isinstance(batch, Mapping):
+            if batch.get(self.case_key) is not None:
+                ids = batch[self.case_key]
+                return [str(c) for c in ids] if isinstance(ids, (list, tuple)) else [str(ids)]
+            names = self._meta(batch).get(ImageMetaKey.FILENAME_OR_OBJ)
+            # a collated batch's meta holds one file name per case
+            return [self._from_path(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
+        if isinstance(batch, (list, tuple)) and all(isinstance(b, Mapping) for b in batch):
+            return [i for item in batch for i in self.batch_case_ids(item)]
+        raise ValueError(
+            f"cannot find the case ids in engine.state.batch of type {type(batch).__name__}: expected a dict or a "
+            f"list of dicts with key {self.case_key!r} (or {self.image_key!r} meta data), or pass `batch_transform`."
+        )
 
-    def _started(self, _engine: Engine) -> None:
-        self._filenames = []
-
-    def _collect_filenames(self, engine: Engine) -> None:
-        self._filenames.extend(str(f) for f in self._batch_filenames(engine.state.batch))
-
-    def _batch_filenames(self, batch: Any) -> list[Any]:
-        """``filename_or_obj`` of every case of a batch, collated (dict) or decollated (list of dicts)."""
-        if self.batch_transform is not None:
-            meta = self.batch_transform(batch)
-            metas = decollate_batch(meta) if isinstance(meta, Mapping) else list(meta)
-        elif isinstance(batch, Mapping):
-            metas = [self._meta(batch)]
-        elif isinstance(batch, (list, tuple)) and all(isinstance(b, Mapping) for b in batch):
-            metas = [self._meta(b) for b in batch]
-        else:
+    def _from_path(self, name: Any) -> str:
+        if not name or not isinstance(name, (str, os.PathLike)):
             raise ValueError(
-                f"cannot find the image meta data in engine.state.batch of type {type(batch).__name__}: expected a "
-                f"dict or a list of dicts with key {self.image_key!r}, or pass `batch_transform`."
+                f"a case has no {self.case_key!r} and its {self.image_key!r} meta data has no `filename_or_obj` "
+                f"to name it (found {name!r}); give the datalist entries a `case_id`."
             )
-        names: list[Any] = []
-        for m in metas:
-            fn = m.get("filename_or_obj") if isinstance(m, Mapping) else None
-            if fn is None or (isinstance(fn, str) and not fn):
-                keys = sorted(m) if isinstance(m, Mapping) else type(m).__name__
-                raise ValueError(f"no `filename_or_obj` in the image meta data to name the case; meta has: {keys}.")
-            # a collated (not decollated) batch holds one file name per item
-            names.extend(fn if isinstance(fn, (list, tuple)) else [fn])
-        return names
+        return case_id_from_path(name)
 
     def _meta(self, item: Mapping[str, Any]) -> Mapping[str, Any]:
         """Meta data of ``item[image_key]``: a MetaTensor's meta, or the ``<key>_meta_dict`` entry."""
@@ -185,12 +128,13 @@ class EvaluationReport:
         if isinstance(meta, Mapping):
             return meta
         raise ValueError(
-            f"the batch's {self.image_key!r} is {type(image).__name__}, not a MetaTensor, and there is no "
-            f"'{self.image_key}_meta_dict'; keys are {sorted(item)}. Set `image_key` or `batch_transform`."
+            f"the batch has no {self.case_key!r}, its {self.image_key!r} is {type(image).__name__}, not a MetaTensor, "
+            f"and there is no '{self.image_key}_meta_dict'; keys are {sorted(item)}. Give the datalist entries a "
+            "`case_id`, or set `image_key` or `batch_transform`."
         )
 
     def __call__(self, engine: Engine) -> None:
-        """Write the report (rank 0 only).
+        """Write the report (rank 0 only; every rank takes part in gathering the case ids).
 
         Args:
             engine: the evaluator, after its metrics were computed.
@@ -199,14 +143,12 @@ class EvaluationReport:
             ValueError: if a metric has no details, the numbers of cases and ids differ, ids repeat, or a
                 value is not finite.
         """
-        world_size = idist.get_world_size()
-        # All ranks take part in the gather; ranks concatenate in order, as the metric details do.
-        filenames = string_list_all_gather(strings=self._filenames) if world_size > 1 else self._filenames
-        if idist.get_rank() != 0:
+        # ranks concatenate in order, as the metric details do
+        case_ids = string_list_all_gather(strings=self._filenames) if idist.get_world_size() > 1 else self._filenames
+        if idist.get_rank() != self.save_rank:
             return
-        if not filenames:
+        if not case_ids:
             raise ValueError("no case was evaluated: the engine produced no batches to report on.")
-        case_ids = [case_id_from_path(f) for f in filenames]
         duplicates = sorted(c for c, n in Counter(case_ids).items() if n > 1)
         if duplicates:
             raise ValueError(f"case ids must be unique, these repeat: {duplicates[:10]} (from {len(case_ids)} cases).")
@@ -219,18 +161,15 @@ class EvaluationReport:
                     f"metric {name!r} is not finite for case(s) {[case_ids[i] for i in bad[:10]]}; "
                     "the report drops nothing silently (for MONAI's DiceMetric use ignore_empty=False)."
                 )
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["case_id", *columns])
-        for i, case_id in enumerate(case_ids):
-            writer.writerow([case_id, *(repr(float(v[i])) for v in columns.values())])
         summary: dict[str, Any] = {name: summarize(values) for name, values in columns.items()}
         summary["n_cases"] = len(case_ids)
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.output_dir / self.csv_name, buffer.getvalue())
-        _atomic_write_text(self.output_dir / self.summary_name, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        with atomic_open(self.output_dir / self.csv_name, newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["case_id", *columns])
+            for i, case_id in enumerate(case_ids):
+                writer.writerow([case_id, *(repr(float(v[i])) for v in columns.values())])
+        atomic_write_json(self.output_dir / self.summary_name, summary, allow_nan=False)
 
     def _columns(self, engine: Engine, n_cases: int) -> dict[str, np.ndarray]:
         """One 1-D array of per-case values per report column."""
@@ -247,8 +186,8 @@ class EvaluationReport:
             values = values.astype(float).reshape(values.shape[0], -1) if values.ndim else values.reshape(1, 1)
             if values.shape[0] != n_cases:
                 raise ValueError(
-                    f"metric {name!r} has {values.shape[0]} per-case values but {n_cases} case file names were "
-                    f"collected from the batches; check `image_key` / `batch_transform`."
+                    f"metric {name!r} has {values.shape[0]} per-case values but {n_cases} case ids were "
+                    f"collected from the batches; check `case_key` / `image_key` / `batch_transform`."
                 )
             if values.shape[1] == 1:
                 columns[name] = values[:, 0]

@@ -11,21 +11,46 @@ from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-from ignite.handlers import DiskSaver
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
-from torch import nn
 
-__all__ = ["TrainingStateCheckpoint", "latest_training_state"]
+from dgst_monai.files import atomic_torch_save
+
+__all__ = ["AtomicDiskSaver", "TrainingStateCheckpoint", "latest_training_state"]
+
+#: ``<prefix>_epoch=<N>.pt``, in ignite's filename-pattern syntax.
+FILENAME_PATTERN = "{filename_prefix}_{score_name}={score}.{ext}"
+_RESERVED = ("trainer", "scaler", "checkpointer")  # what the handler adds to the state itself
 
 
-def _state_files(save_dir: str | os.PathLike[str], prefix: str) -> list[tuple[int, Path]]:
-    """``(epoch, path)`` of every ``<prefix>_epoch=<N>.pt`` in ``save_dir``, oldest first."""
-    folder = Path(save_dir)
-    if not folder.is_dir():
-        return []
-    pattern = re.compile(rf"^{re.escape(prefix)}_epoch=(\d+)\.pt$")
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)) and p.is_file()]
-    return sorted(found)
+class AtomicDiskSaver(DiskSaver):
+    """ignite's :class:`~ignite.handlers.DiskSaver` writing through :func:`dgst_monai.files.atomic_torch_save`.
+
+    ignite's own atomic mode writes an ``0o600`` temporary file and then adds read permission for everyone,
+    whatever the umask, and does not fsync; this one fsyncs and gives the file the permissions ``open()`` would.
+    Only rank ``save_on_rank`` writes and removes files.
+
+    Args:
+        dirname: folder of the files (created if missing).
+        save_on_rank: the rank that writes.
+
+    Example::
+
+        Checkpoint({"model": net}, AtomicDiskSaver("runs/models"), n_saved=2)
+    """
+
+    def __init__(self, dirname: str | os.PathLike[str], save_on_rank: int = 0) -> None:
+        super().__init__(Path(dirname), atomic=True, create_dir=True, require_empty=False, save_on_rank=save_on_rank)
+
+    def __call__(self, checkpoint: Mapping[str, Any], filename: str, metadata: Mapping[str, Any] | None = None) -> None:
+        """Write ``checkpoint`` to ``<dirname>/<filename>`` (on the saving rank)."""
+        if idist.get_rank() == self.save_on_rank:
+            atomic_torch_save(checkpoint, self.dirname / filename)
+
+    def remove(self, filename: str) -> None:
+        """Delete an older file (on the saving rank); one already gone is not an error."""
+        if idist.get_rank() == self.save_on_rank:
+            (self.dirname / filename).unlink(missing_ok=True)
 
 
 def latest_training_state(save_dir: str | os.PathLike[str], prefix: str = "training_state") -> Path | None:
@@ -34,31 +59,45 @@ def latest_training_state(save_dir: str | os.PathLike[str], prefix: str = "train
     Args:
         save_dir: the folder :class:`TrainingStateCheckpoint` saves to.
         prefix: its file prefix.
+
+    Example::
+
+        latest_training_state("runs/models")  # Path("runs/models/training_state_epoch=12.pt")
     """
-    files = _state_files(save_dir, prefix)
-    return files[-1][1] if files else None
+    folder = Path(save_dir)
+    if not folder.is_dir():
+        return None
+    pattern = re.compile(rf"{re.escape(prefix)}_epoch=(\d+)\.pt")
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.fullmatch(p.name)) and p.is_file()]
+    return max(found)[1] if found else None
+
+
+def _epoch(engine: Engine) -> int:
+    return engine.state.epoch
 
 
 class TrainingStateCheckpoint:
     """Save the whole training state atomically every ``interval`` epochs; with ``resume=True`` continue from
     the latest one.
 
-    The state is ``save_dict`` (typically the model, optimizer and lr scheduler) plus the trainer itself
-    (``"trainer"``: epoch, iteration, epoch length) and, under AMP, its gradient scaler (``"scaler"``). It is
-    written as ``<save_dir>/<prefix>_epoch=<N>.pt`` by ignite's ``DiskSaver(atomic=True)``: serialized to a
-    temporary file in the same folder, then renamed over the target, so an interruption leaves the previous
-    complete file, never a partial one (MONAI's ``CheckpointSaver`` writes non-atomically). After each save the
-    older state files of this prefix beyond the ``n_saved`` newest are removed. Saving is registered when the run
+    The state is ``save_dict`` (the model, optimizer and lr scheduler, and anything else with ``state_dict`` /
+    ``load_state_dict``, e.g. a fine-tuning method's selector) plus the trainer itself (``"trainer"``: epoch,
+    iteration, epoch length), under AMP its gradient scaler (``"scaler"``) and the list of files saved so far
+    (``"checkpointer"``). Saving is ignite's :class:`~ignite.handlers.Checkpoint`: it writes
+    ``<save_dir>/<prefix>_epoch=<N>.pt`` through :class:`AtomicDiskSaver` (an interruption leaves the previous
+    complete file, never a partial one; MONAI's ``CheckpointSaver`` writes non-atomically) and removes the files
+    it wrote beyond the ``n_saved`` newest, also those of the run it resumed. Saving is registered when the run
     starts, so it follows every other end-of-epoch handler attached before (the lr scheduler has stepped, the
     validation has run): the saved state is the one the next epoch starts from. The file is the usual nested
     checkpoint ``{"model": ..., "optimizer": ..., ...}``, loadable with MONAI's ``CheckpointLoader``.
 
     With ``resume=True``, when the run starts the latest state file is loaded into the same objects with
-    MONAI's ``CheckpointLoader``; the trainer then continues with the epoch after the saved one, and
-    ``max_epochs`` stays the configured value (it must exceed the saved epoch). A missing state file is an
-    error rather than a silent fresh start. Handlers attached later that also act when the run starts (e.g. a
-    ``CheckpointLoader`` of pre-trained weights) run after this one: disable them when resuming. Resuming is
-    meant for continuing the same run: saved objects keep their saved settings (e.g. the lr scheduler's length).
+    MONAI's ``CheckpointLoader`` (``torch.load(weights_only=True)``); the trainer then continues with the epoch
+    after the saved one, and ``max_epochs`` stays the configured value (it must not be below the saved epoch). A
+    missing state file is an error rather than a silent fresh start. Handlers attached later that also act when
+    the run starts (e.g. a ``CheckpointLoader`` of pre-trained weights) run after this one: disable them when
+    resuming. Resuming is meant for continuing the same run: saved objects keep their saved settings (e.g. the
+    lr scheduler's length).
 
     Under torch.distributed every rank loads and only rank 0 writes. Attach it on every rank: ignite's first
     distributed query is a collective operation (if other handlers query ignite on rank 0 only, call
@@ -77,7 +116,8 @@ class TrainingStateCheckpoint:
         name: logger name; by default the engine's logger.
 
     Raises:
-        ValueError: for a non-positive ``interval`` or ``n_saved``, or ``save_dict`` naming ``trainer``/``scaler``.
+        ValueError: for a non-positive ``interval`` or ``n_saved``, or ``save_dict`` naming ``trainer``,
+            ``scaler`` or ``checkpointer``.
 
     Example::
 
@@ -102,9 +142,9 @@ class TrainingStateCheckpoint:
             raise ValueError(f"interval must be a positive number of epochs, got {interval!r}")
         if isinstance(n_saved, bool) or not isinstance(n_saved, int) or n_saved < 1:
             raise ValueError(f"n_saved must be a positive integer, got {n_saved!r}")
-        reserved = {"trainer", "scaler"} & set(save_dict)
+        reserved = sorted(set(_RESERVED) & set(save_dict))
         if reserved:
-            raise ValueError(f"save_dict must not use the keys {sorted(reserved)}: the handler adds them itself")
+            raise ValueError(f"save_dict must not use the keys {reserved}: the handler adds them itself")
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.resume = bool(resume)
@@ -114,10 +154,11 @@ class TrainingStateCheckpoint:
         self.map_location = map_location
         self.logger = logging.getLogger(name)
         self._name = name
-        self._saver: DiskSaver | None = None
+        self._saver: AtomicDiskSaver | None = None
+        self._checkpoint: Checkpoint | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Register loading when the run starts (if ``resume``) and saving every ``interval`` epochs.
+        """Register, for when the run starts: loading (if ``resume``) and saving every ``interval`` epochs.
 
         Args:
             engine: the trainer.
@@ -125,14 +166,28 @@ class TrainingStateCheckpoint:
         if self._name is None:
             self.logger = engine.logger
         # built on every rank: ignite's first distributed query is collective, so it must not happen on rank 0 only
-        self._saver = DiskSaver(self.save_dir, atomic=True, create_dir=True, require_empty=False)
-        if self.resume:
-            engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.STARTED, self._register_saving)
+        self._saver = AtomicDiskSaver(self.save_dir)
+        engine.add_event_handler(Events.STARTED, self._started)
 
-    def _register_saving(self, engine: Engine) -> None:
-        # registered when the run starts, after every handler attached before it: the state is then saved after
-        # the other end-of-epoch handlers (lr scheduler step, validation) have run
+    def _started(self, engine: Engine) -> None:
+        # MONAI's trainer creates its AMP scaler in run(), after attach: the saved objects are known only now
+        saved_before = self._checkpoint.state_dict() if self._checkpoint is not None else None
+        self._checkpoint = Checkpoint(
+            to_save=self._objects(engine),
+            save_handler=self._saver,
+            filename_prefix=self.prefix,
+            score_function=_epoch,
+            score_name="epoch",
+            n_saved=self.n_saved,
+            filename_pattern=FILENAME_PATTERN,
+            include_self=True,  # the file lists the files saved so far: a resumed run prunes them too
+        )
+        if saved_before is not None:  # the same trainer run again in this process
+            self._checkpoint.load_state_dict(saved_before)
+        if self.resume:
+            self.load(engine)
+        # registered now, after every handler attached before it: the state is then saved after the other
+        # end-of-epoch handlers (lr scheduler step, validation) have run
         if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
@@ -144,36 +199,28 @@ class TrainingStateCheckpoint:
         return objects
 
     def load(self, engine: Engine) -> None:
-        """Load the latest state file into the objects and the trainer.
+        """Load the latest state file into the objects, the trainer and the list of saved files.
 
         Raises:
             FileNotFoundError: if ``save_dir`` has no state file.
+            RuntimeError: if called before the run started.
         """
+        if self._checkpoint is None:
+            raise RuntimeError("TrainingStateCheckpoint.load runs when the trainer starts: attach it to the trainer")
         path = latest_training_state(self.save_dir, self.prefix)
         if path is None:
             raise FileNotFoundError(
                 f"resume was requested but {self.save_dir} holds no training state ({self.prefix}_epoch=<N>.pt); "
                 "run without resume to start from scratch, or point ckpt_dir at the interrupted run"
             )
-        CheckpointLoader(load_path=str(path), load_dict=self._objects(engine), map_location=self.map_location)(engine)
+        objects = dict(self._checkpoint.to_save, checkpointer=self._checkpoint)
+        # MONAI's loader: torch.load(weights_only=True), and it keeps the configured max_epochs
+        CheckpointLoader(load_path=str(path), load_dict=objects, map_location=self.map_location)(engine)
         self.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
     def __call__(self, engine: Engine) -> None:
-        """Save the state of the epoch just completed (rank 0 only) and remove older state files."""
-        state = {}
-        for key, obj in self._objects(engine).items():
-            if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-                obj = obj.module
-            state[key] = obj.state_dict()
-        if self._saver is None:
+        """Save the state of the epoch just completed (rank 0 writes) and remove the older state files."""
+        if self._checkpoint is None:
             raise RuntimeError("TrainingStateCheckpoint must be attached to the trainer before it runs")
-        epoch = engine.state.epoch
-        filename = f"{self.prefix}_epoch={epoch}.pt"
-        self._saver(state, filename)  # writes on rank 0 only
-        if idist.get_rank() != 0:
-            return
-        for old_epoch, old in _state_files(self.save_dir, self.prefix)[: -self.n_saved]:
-            if old_epoch != epoch:
-                old.unlink(missing_ok=True)
-        self.logger.debug(f"saved the training state of epoch {epoch} to {self.save_dir / filename}")
-
+        self._checkpoint(engine)
+        self.logger.debug(f"saved the training state of epoch {engine.state.epoch} to {self.save_dir}")
