@@ -1,15 +1,16 @@
 """Parameter accounting: how much of the network each fine-tuning method trains, and how much actually changed.
 
 For every registry method on a given network: the entries it trains (``requires_grad``), the entries it adds
-(LoRA, adapters), an upper bound on the foundation entries one optimizer step can change, the same bound
-after ``steps`` steps, and, given (foundation, fine-tuned) state dicts, the entries that really changed.
+(LoRA, adapters, the spatial adapter), an upper bound on the foundation entries one optimizer step can change,
+the same bound after ``steps`` steps, and, given (foundation, fine-tuned) state dicts, the entries that really changed.
 Fractions are of the foundation network's entries (parameters, aliases counted once).
 
 The bounds assume strict updates (``update="strict"`` for the sparsification methods): a strict DGST / DRST /
 SGST step changes at most ``gamma`` entries per group of every kernel plus the always-trained biases,
 normalization affines and heads, so after N steps at most ``min(N * gamma, group size)`` entries per group.
-In ``"gradient"`` mode momentum and weight decay void that bound. A merged LoRA / adapter rewrites its
-target convolutions whole.
+In ``"gradient"`` mode momentum and weight decay void that bound. A merged LoRA rewrites its target
+convolutions whole; adapters and the spatial adapter stay beside the foundation, which they leave as it is
+(apart from the heads, which the adapter method trains).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from dgst_monai.delta import changed_mask
-from dgst_monai.methods import METHODS, SelectionOptions, get_method
+from dgst_monai.methods import METHODS, SelectionOptions, clone_network, get_method
 from dgst_monai.roles import describe_parameters
 from dgst_monai.sparsity import Grouping, Selector, group_rows
 
@@ -99,7 +100,6 @@ def account_methods(
     gamma: int = 1,
     grouping: Grouping = "filter",
     steps: int | None = None,
-    warmup_steps: int = 10,
     base_state: Mapping[str, torch.Tensor] | None = None,
     tuned_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> list[MethodAccount]:
@@ -111,8 +111,6 @@ def account_methods(
         gamma: entries kept per group by dgst / drst / sgst.
         grouping: ``"filter"`` or ``"kernel"``.
         steps: also bound the entries changed after this many optimizer steps.
-        warmup_steps: SGST warm-up; its selection is fixed afterwards, so it moves at most
-            ``min(steps, warmup_steps) * gamma`` entries per group.
         base_state: the foundation state dict, to count changed entries.
         tuned_states: ``{method: fine-tuned plain state dict}`` (merged), to count changed entries against
             ``base_state``.
@@ -126,7 +124,7 @@ def account_methods(
         rows = account_methods(net, steps=250, base_state=foundation, tuned_states={"dgst": tuned})
         print(format_table(rows))
     """
-    SelectionOptions(gamma=gamma, grouping=grouping, warmup_steps=warmup_steps)  # validates them
+    SelectionOptions(gamma=gamma, grouping=grouping)  # validates them
     names = list(methods) if methods is not None else list(METHODS)
     params = dict(network.named_parameters())
     infos = describe_parameters(network)
@@ -150,7 +148,7 @@ def account_methods(
                     step_bound = _selection_bound(params, infos, flags, gamma, grouping, 1)
                     effective = steps or 1
                     if name == "sgst":
-                        effective = min(effective, warmup_steps)
+                        effective = 1  # one mask, fixed before the first update: at most gamma entries per group
                     steps_bound = _selection_bound(params, infos, flags, gamma, grouping, effective)
         except ValueError as error:
             rows.append(MethodAccount(name, method.label, total, note=str(error)))
@@ -196,14 +194,14 @@ def _selection_bound(
 
 
 def _injected_counts(network: nn.Module, method: str) -> tuple[int, int, int]:
-    from dgst_monai.networks.adapters import clone_network, merged_parameter_names
+    from dgst_monai.networks.adapters import merged_parameter_names
 
     plain = dict(network.named_parameters())
     injected = get_method(method).apply(clone_network(network))
     params = dict(injected.named_parameters())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     added = sum(p.numel() for p in params.values()) - sum(p.numel() for p in plain.values())
-    # merging rewrites the targets whole; the heads train directly
+    # merging rewrites LoRA's targets whole; the heads train directly (a wrapper renames them: none count)
     heads = {n for n, p in params.items() if p.requires_grad and n in plain}
     changeable = set(merged_parameter_names(injected)) | heads
     return trainable, added, sum(plain[n].numel() for n in changeable if n in plain)
@@ -253,7 +251,7 @@ def format_table(rows: Iterable[MethodAccount]) -> str:
         cells = [f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(line, widths))]
         out.append("  ".join(cells).rstrip())
     total = rows[0].network_entries if rows else 0
-    bound_note = "bounds on foundation entries changed: strict updates for dgst/drst/sgst, merged for lora/adapter"
+    bound_note = "bounds on foundation entries changed: strict updates for dgst/drst/sgst, merged for lora"
     out.append(f"{total:,} foundation entries; {bound_note}")
     return "\n".join(out)
 

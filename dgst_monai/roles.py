@@ -1,8 +1,10 @@
 """What each parameter of a segmentation network is: kernel, bias, normalization, head; encoder or decoder.
 
 Pure PyTorch. Roles come from module types (a normalization layer is a normalization layer whatever it is
-called) and from a small registry of network layouts that :mod:`dgst_monai.networks` fills for the MONAI
-networks we ship; another network is supported by one :func:`register_network` call.
+called) and from network layouts. The layouts of the MONAI networks we ship (DynUNet and its subclasses,
+SwinUNETR) and MONAI's head block are known here by their classes' qualified names, so nothing has to be
+imported or registered for them (and this module never imports MONAI); another network is supported by one
+:func:`register_network` call.
 """
 
 from __future__ import annotations
@@ -43,6 +45,28 @@ class NetworkLayout:
 _LAYOUTS: dict[type[nn.Module], NetworkLayout] = {}
 _HEAD_TYPES: set[type[nn.Module]] = set()
 
+#: Layouts of MONAI's networks, by the qualified name of their class (``module.QualName``). Matched against the
+#: classes of a model's MRO when it is described, so subclasses (``NNUNetDynUNet``, ``InferenceDynUNet``, ...)
+#: inherit them, and MONAI is neither imported nor asked anything here.
+KNOWN_LAYOUTS: dict[str, NetworkLayout] = {
+    "monai.networks.nets.dynunet.DynUNet": NetworkLayout(
+        encoder=("input_block", "downsamples", "bottleneck"),
+        decoder=("upsamples", "output_block", "deep_supervision_heads"),
+        heads=("output_block", "deep_supervision_heads"),
+    ),
+    "monai.networks.nets.swin_unetr.SwinUNETR": NetworkLayout(
+        encoder=("swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"),
+        decoder=("decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out"),
+        heads=("out",),
+    ),
+}
+#: Segmentation-head module types known by qualified name (MONAI's final logit conv and deep-supervision heads).
+KNOWN_HEAD_TYPES: frozenset[str] = frozenset({"monai.networks.blocks.dynunet_block.UnetOutBlock"})
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
 
 def register_network(
     network_type: type[nn.Module],
@@ -51,7 +75,15 @@ def register_network(
     decoder: Iterable[str],
     heads: Iterable[str] = (),
 ) -> None:
-    """Declare the encoder / decoder / head children of a network class (subclasses inherit it)."""
+    """Declare the encoder / decoder / head children of a network class (subclasses inherit it).
+
+    MONAI's DynUNet and SwinUNETR need no call (:data:`KNOWN_LAYOUTS`); a registration takes precedence over
+    a known layout for the same class. The first head is the network's main output.
+
+    Example::
+
+        register_network(MyUNet, encoder=["down"], decoder=["up", "out"], heads=["out"])
+    """
     layout = NetworkLayout(tuple(encoder), tuple(decoder), tuple(heads))
     if set(layout.encoder) & set(layout.decoder):
         raise ValueError(f"{network_type.__name__}: a child cannot be both encoder and decoder: {layout}")
@@ -81,11 +113,25 @@ class ParameterInfo:
     part: Part | None
 
 
-def _layout_of(module: nn.Module) -> NetworkLayout | None:
+def layout_of(module: nn.Module) -> NetworkLayout | None:
+    """The layout of ``module``'s class or of its nearest base class that has one (registered or known).
+
+    Example::
+
+        layout_of(DynUNet(...)).heads  # ('output_block', 'deep_supervision_heads')
+    """
     for cls in type(module).__mro__:
         if cls in _LAYOUTS:
             return _LAYOUTS[cls]
+        known = KNOWN_LAYOUTS.get(_qualified_name(cls))
+        if known is not None:
+            return known
     return None
+
+
+def is_head_type(module: nn.Module) -> bool:
+    """Whether ``module`` is a segmentation head by its type (registered, or known like MONAI's ``UnetOutBlock``)."""
+    return any(cls in _HEAD_TYPES or _qualified_name(cls) in KNOWN_HEAD_TYPES for cls in type(module).__mro__)
 
 
 def describe_parameters(model: nn.Module, heads: Iterable[nn.Module] | None = None) -> dict[str, ParameterInfo]:
@@ -101,7 +147,7 @@ def describe_parameters(model: nn.Module, heads: Iterable[nn.Module] | None = No
     head_ids = {id(m) for m in heads or ()}
     # named_modules() and named_parameters() both skip aliases (e.g. DynUNet.skip_layers), keeping first names.
     modules = dict(model.named_modules())
-    roots = {prefix: layout for prefix, m in modules.items() if (layout := _layout_of(m)) is not None}
+    roots = {prefix: layout for prefix, m in modules.items() if (layout := layout_of(m)) is not None}
     for prefix, layout in roots.items():
         head_ids.update(id(modules[_join(prefix, h)]) for h in layout.heads if _join(prefix, h) in modules)
 
@@ -135,7 +181,7 @@ def _inside_head(prefix: str, modules: dict[str, nn.Module], head_ids: set[int])
     parts = prefix.split(".") if prefix else []
     for i in range(len(parts) + 1):
         m = modules.get(".".join(parts[:i]))
-        if m is not None and (id(m) in head_ids or type(m) in _HEAD_TYPES):
+        if m is not None and (id(m) in head_ids or is_head_type(m)):
             return True
     return False
 

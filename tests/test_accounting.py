@@ -54,14 +54,15 @@ ROWS = [
     (2, 27), (2, 54), (4, 54), (4, 108), (8, 108), (8, 216), (8, 32), (4, 216), (4, 108), (4, 16), (2, 108), (2, 54)
 ]
 LORA_ADDED = 38240  # sum of 32 * in * k + out * 32 over CONVS
-ADAPTER_ADDED = (2 + 2) + (4 + 4) + (16 + 16) + (4 + 4) + (2 + 2)  # widths 1, 1, 2, 1, 1 after the five conv2
-ADAPTER_TARGETS = 108 + 432 + 1728 + 432 + 108  # the five conv2 weights
+# Houlsby adapters after the five conv2 (channels 2, 4, 8, 4, 2; widths 1, 1, 2, 1, 1): down c*h + bias h, up h*c
+ADAPTER_ADDED = (2 + 1 + 2) + (4 + 1 + 4) + (16 + 2 + 16) + (4 + 1 + 4) + (2 + 1 + 2)  # 62
+SPATIAL_ADDED = 2 * (2 * 2 * K3)  # two bias-free 3x3x3 convs 2 -> 2 on the logits: 216
 
 
 def test_hand_counts_of_every_method():
     net = three_level_dynunet()
     assert sum(p.numel() for p in net.parameters()) == TOTAL == 5428
-    rows = {r.method: r for r in account_methods(net, steps=30, warmup_steps=10)}
+    rows = {r.method: r for r in account_methods(net, steps=30)}
     assert set(rows) == set(METHODS)
     trainable = {
         "scratch": TOTAL,
@@ -77,12 +78,14 @@ def test_hand_counts_of_every_method():
         "dgst": TOTAL,
         "lora": LORA_ADDED + HEAD,  # the head trains beside LoRA, as in the released trainer
         "adapter": ADAPTER_ADDED + HEAD,
+        "spatial_adapter": SPATIAL_ADDED,  # the black box: nothing of the foundation trains
     }
     assert sum(32 * i * k + o * 32 for i, o, k in CONVS.values()) == LORA_ADDED
     for name, expected in trainable.items():
         assert rows[name].trainable_entries == expected, name
         assert rows[name].network_entries == TOTAL
-    assert rows["lora"].added_entries == LORA_ADDED and rows["adapter"].added_entries == ADAPTER_ADDED == 56
+    assert rows["lora"].added_entries == LORA_ADDED and rows["adapter"].added_entries == ADAPTER_ADDED == 62
+    assert rows["spatial_adapter"].added_entries == SPATIAL_ADDED == 216
     assert rows["full"].added_entries == 0
 
     dense = NORM + HEAD  # biases, norms and heads always train whole under dgst / drst / sgst
@@ -93,10 +96,12 @@ def test_hand_counts_of_every_method():
     # (16) are shorter than 30
     assert rows["dgst"].steps_bound == 2 * 27 + 4 * 16 + 30 * (52 - 2 - 4) + dense
     assert rows["drst"].steps_bound == rows["dgst"].steps_bound
-    assert rows["sgst"].steps_bound == 10 * 52 + dense  # its selection is fixed after the 10 warm-up steps
-    # merged LoRA may rewrite every conv outside the head; the adapters only the five conv2
+    assert rows["sgst"].steps_bound == 52 + dense  # one static mask, chosen before the first update
+    # merged LoRA may rewrite every conv outside the head; the adapters stay beside the foundation, whose heads
+    # alone train; the spatial adapter changes no foundation entry at all
     assert rows["lora"].step_bound == CONV_ENTRIES + HEAD
-    assert rows["adapter"].step_bound == ADAPTER_TARGETS + HEAD
+    assert rows["adapter"].step_bound == HEAD
+    assert rows["spatial_adapter"].step_bound == rows["spatial_adapter"].steps_bound == 0
     assert rows["bias"].step_bound == rows["bias"].steps_bound == 2
     assert abs(rows["norm"].trainable_fraction - NORM / TOTAL) < 1e-12
 

@@ -1,33 +1,43 @@
-"""LoRA and Adapter: what they inject, what they train, that they merge back exactly and load the foundation."""
+"""LoRA and the Houlsby Adapter: what they inject, what they train, LoRA merging back exactly, the Adapter
+staying in the network (not mergeable) and being rebuilt from its checkpoint, and loading the foundation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import decay_sgd as _sgd
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.nets import DynUNet
 from torch import nn
 
 from dgst_monai import DGSTHandler, apply_method, get_method
+from dgst_monai.networks import NNUNetDynUNet, for_checkpoint
+from dgst_monai.networks.inference import drop_deep_supervision_heads_on_load
 from dgst_monai.networks.adapters import (
-    ConvAdapter,
+    Adapter,
     LoRAConv,
     MergedView,
     inject_adapters,
     inject_lora,
     injected_layers,
     merge,
+    rebuild_adapters,
 )
 
 INJECTED = ("lora", "adapter")
 LORA_PARTS = (".lora_A.", ".lora_B.")
-ADAPTER_PARTS = (".adapter_down.", ".adapter_up.")
+ADAPTER_PARTS = (".adapter.",)
 HEADS = ("output_block.", "deep_supervision_heads.")
-
-
-def _sgd(net: nn.Module) -> torch.optim.Optimizer:
-    # momentum and weight decay would move any parameter the optimizer may touch
-    return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+#: the conv2 Convolution of every conv block of the tiny DynUNet: where the adapters go
+ADAPTER_SITES = {
+    "input_block.conv2",
+    "downsamples.0.conv2",
+    "downsamples.1.conv2",
+    "bottleneck.conv2",
+    "upsamples.0.conv_block.conv2",
+    "upsamples.1.conv_block.conv2",
+    "upsamples.2.conv_block.conv2",
+}
 
 
 def _perturb_injected(net: nn.Module, scale: float = 0.2) -> None:
@@ -75,27 +85,56 @@ def test_lora_uses_peft_for_conv3d_and_ours_for_transposed_and_pointwise_convs(t
     assert torch.equal(net(x), before)  # B = 0: the adapted network is the foundation network
 
 
-def test_adapter_goes_after_the_last_conv_of_every_block(tiny_dynunet):
-    """adapter: one ConvAdapter per conv block on conv2, width channels // 4, zero up-projection."""
-    net = tiny_dynunet().eval()
+@pytest.mark.parametrize("res_block", [False, True])
+def test_adapter_follows_the_last_conv_of_every_block(res_block, tiny_dynunet):
+    """adapter: one Houlsby Adapter after conv2 of every conv block (before its norm), width channels // 4,
+    the block's LeakyReLU, zero up-projection; the foundation's keys unchanged and its output reproduced exactly."""
+    net = tiny_dynunet(res_block=res_block).eval()
+    plain_keys = list(net.state_dict())
     x = torch.randn(1, 1, 16, 16, 16)
     before = net(x)
     apply_method(net, "adapter")
     layers = injected_layers(net)
-    assert set(layers) == {
-        "input_block.conv2.conv",
-        "downsamples.0.conv2.conv",
-        "downsamples.1.conv2.conv",
-        "bottleneck.conv2.conv",
-        "upsamples.0.conv_block.conv2.conv",
-        "upsamples.1.conv_block.conv2.conv",
-        "upsamples.2.conv_block.conv2.conv",
-    }
-    for layer in layers.values():
-        assert isinstance(layer, ConvAdapter)
-        assert layer.hidden == max(1, layer.base_layer.out_channels // 4)
-        assert not layer.adapter_up.weight.any()
-    assert torch.equal(net(x), before)
+    assert set(layers) == {f"{site}.adapter" for site in ADAPTER_SITES}
+    for name, adapter in layers.items():
+        block = net.get_submodule(name.rsplit(".", 2)[0])
+        conv = block.conv2.conv
+        assert isinstance(adapter, Adapter) and list(block.conv2) == [conv, adapter]  # conv, then adapter, then norm2
+        assert adapter.down.out_channels == max(1, conv.out_channels // 4) == adapter.up.in_channels
+        assert adapter.up.out_channels == conv.out_channels and adapter.up.bias is None
+        assert isinstance(adapter.act, nn.LeakyReLU) and adapter.act.negative_slope == block.lrelu.negative_slope
+        assert adapter.act is not block.lrelu
+        assert not adapter.up.weight.any()
+    state = net.state_dict()
+    assert [k for k in state if ".adapter." not in k] == plain_keys  # adapters only add keys
+    assert torch.equal(net(x), before)  # up = 0: the adapted network is the foundation network
+
+
+def test_adapter_is_not_mergeable_into_a_convolution(tiny_dynunet):
+    """With a trained (non-zero) up, the adapted conv2 is not an affine map of its input, so no convolution
+    (no plain DynUNet) reproduces it; the whole network differs from its plain part, and merge keeps it."""
+    net = apply_method(tiny_dynunet(), "adapter").eval()
+    _perturb_injected(net)
+    conv2 = net.bottleneck.conv2  # Convolution: conv, then adapter
+    u, v = torch.randn(2, 1, conv2.conv.in_channels, 2, 2, 2).unbind(0)
+    zero = torch.zeros_like(u)
+    with torch.no_grad():
+        # any convolution c (bias or not) has c(u + v) + c(0) == c(u) + c(v)
+        conv_gap = (conv2.conv(u + v) + conv2.conv(zero) - conv2.conv(u) - conv2.conv(v)).abs().max()
+        gap = (conv2(u + v) + conv2(zero) - conv2(u) - conv2(v)).abs().max()
+        adapter = conv2.adapter
+        branch = lambda z: adapter(z) - z  # noqa: E731 - the bottleneck alone
+        scaled_gap = (branch(2 * u) - 2 * branch(u)).abs().max()
+    assert conv_gap < 1e-5 and gap > 1e-2 and scaled_gap > 1e-2
+
+    x = torch.randn(1, 1, 16, 16, 16)
+    plain = tiny_dynunet().eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if ".adapter." not in k})
+    merged = merge(net).eval()
+    with torch.no_grad():
+        y = net(x)
+        assert (y - plain(x)).abs().max() > 1e-2
+        assert torch.equal(merged(x), y) and set(injected_layers(merged)) == set(injected_layers(net))
 
 
 # ---------------------------------------------------------------- what trains
@@ -149,9 +188,10 @@ def test_bundle_wiring_loads_the_foundation_then_trains(method, tiny_dynunet, tr
     expected = _expected_trainable(net, method)
     assert {n for n, p in net.named_parameters() if p.requires_grad} == expected
 
-    merged = merge(net)
-    fresh = tiny_dynunet()
-    fresh.load_state_dict(merged.state_dict(), strict=True)
+    # the saved checkpoint loads into a fresh plain network (rebuilt for the adapter), computing the same
+    state = merge(net).state_dict()
+    fresh = for_checkpoint(tiny_dynunet(), state)
+    fresh.load_state_dict(state, strict=True)
     x = torch.randn(1, 1, 16, 16, 16)
     net.eval(), fresh.eval()
     with torch.no_grad():
@@ -172,13 +212,12 @@ def test_injected_method_on_a_plain_network_is_refused(tiny_dynunet, trainer_fac
 # ---------------------------------------------------------------- merging
 
 
-@pytest.mark.parametrize("method", INJECTED)
 @pytest.mark.parametrize("res_block", [False, True])
-def test_merge_equals_the_adapted_network(method, res_block, tiny_dynunet):
-    """merge: a plain DynUNet with the foundation's keys, strict-loadable, computing the same (<= 1e-4)."""
+def test_merge_equals_the_lora_network(res_block, tiny_dynunet):
+    """merge of LoRA: a plain DynUNet with the foundation's keys, strict-loadable, computing the same (<= 1e-4)."""
     net = tiny_dynunet(res_block=res_block).eval()
     keys = list(net.state_dict())
-    apply_method(net, method)
+    apply_method(net, "lora")
     _perturb_injected(net)
     x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
@@ -221,17 +260,6 @@ def test_own_lora_merges_exactly(base):
     assert (y - base(x)).abs().max() > 1e-2
 
 
-def test_adapter_merges_exactly_with_bias():
-    """ConvAdapter folds into a conv with a bias and into a transposed conv."""
-    for base in (nn.Conv3d(3, 8, 3, padding=1, bias=True), nn.ConvTranspose3d(3, 8, 2, stride=2, bias=True)):
-        layer = ConvAdapter(base, hidden=2)
-        with torch.no_grad():
-            layer.adapter_up.weight.normal_()
-        x = torch.randn(1, 3, 6, 6, 6)
-        with torch.no_grad():
-            assert (layer(x) - layer.merged()(x)).abs().max() < 1e-4
-
-
 def test_merged_view_saves_a_plain_checkpoint(tiny_dynunet, trainer_factory, tmp_path):
     """CheckpointSaver(save_dict={"model": MergedView(network)}) writes what the plain network_def loads."""
     net = tiny_dynunet()
@@ -252,6 +280,83 @@ def test_merged_view_saves_a_plain_checkpoint(tiny_dynunet, trainer_factory, tmp
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("res_block", [False, True])
+def test_adapter_checkpoint_rebuilds_in_a_plain_network(res_block, tiny_dynunet, trainer_factory, tmp_path):
+    """A fine-tuned adapter network saved by CheckpointSaver(MergedView) loads, after for_checkpoint, strictly
+    into a freshly built plain DynUNet and into the inference network without deep supervision, and TorchScript
+    keeps the adapters: all give the fine-tuned network's output exactly."""
+    net = apply_method(tiny_dynunet(res_block=res_block), "adapter")
+    trainer = trainer_factory(net, _sgd(net), iterations=2)
+    DGSTHandler(method="adapter").attach(trainer)
+    CheckpointSaver(str(tmp_path), {"model": MergedView(net)}, save_final=True, final_filename="model.pt").attach(
+        trainer
+    )
+    trainer.run()
+    path = tmp_path / "model.pt"
+    state = torch.load(path, weights_only=True)
+    assert any(v.any() for k, v in state.items() if k.endswith(".adapter.up.weight"))  # trained, so non-trivial
+
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = net.eval()(x)
+    inference = drop_deep_supervision_heads_on_load(
+        DynUNet(
+            spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
+            upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 32], norm_name=("INSTANCE", {"affine": True}),
+            res_block=res_block,
+        )
+    )  # the tiny DynUNet without deep supervision: TorchScript scripts only that
+    for plain in (tiny_dynunet(res_block=res_block), inference):
+        rebuilt = for_checkpoint(plain, path)
+        assert rebuilt is plain and set(injected_layers(rebuilt)) == {f"{s}.adapter" for s in ADAPTER_SITES}
+        rebuilt.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        with torch.no_grad():
+            assert torch.equal(rebuilt.eval()(x), expected)
+    scripted = torch.jit.script(inference.eval())
+    with torch.no_grad():
+        assert torch.equal(scripted(x), expected)
+
+    without = tiny_dynunet(res_block=res_block)
+    with pytest.raises(RuntimeError, match="adapter"):
+        without.load_state_dict(state, strict=True)  # a plain network cannot hold them: the rebuild is needed
+
+
+def test_adapters_on_the_nnunet_layout_rebuild_and_script():
+    """The bundles' NNUNetDynUNet (biased convs) built without deep supervision: adapters inject, survive a
+    save / rebuild / strict load into a fresh network, and script, with identical outputs."""
+    kwargs = dict(
+        spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+        upsample_kernel_size=[2, 2], filters=[4, 8, 16], norm_name=("INSTANCE", {"affine": True}),
+        deep_supervision=False,
+    )
+    net = apply_method(NNUNetDynUNet(**kwargs), "adapter").eval()
+    assert len(injected_layers(net)) == 5 and net.bottleneck.conv2.conv.bias is not None
+    _perturb_injected(net)
+    state = merge(net).state_dict()
+    fresh = for_checkpoint(NNUNetDynUNet(**kwargs), state)
+    fresh.load_state_dict(state, strict=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+        assert torch.equal(fresh.eval()(x), expected)
+        assert torch.equal(torch.jit.script(fresh)(x), expected)
+
+
+def test_for_checkpoint_passes_plain_and_missing_checkpoints_and_refuses_unmerged_lora(tiny_dynunet, tmp_path):
+    """A plain checkpoint or a path not written yet gives the network back unchanged; unmerged LoRA is refused."""
+    net = tiny_dynunet()
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    assert for_checkpoint(net, tmp_path / "plain.pt") is net and not injected_layers(net)
+    assert for_checkpoint(net, tmp_path / "not_yet.pt") is net and not injected_layers(net)
+    lora = apply_method(tiny_dynunet(), "lora")
+    torch.save(lora.state_dict(), tmp_path / "lora.pt")
+    with pytest.raises(ValueError, match="MergedView"):
+        for_checkpoint(tiny_dynunet(), tmp_path / "lora.pt")
+    adapted = apply_method(tiny_dynunet(), "adapter").state_dict()
+    with pytest.raises(ValueError, match="does not have"):
+        rebuild_adapters(nn.Sequential(nn.Conv3d(1, 2, 3)), adapted)
 
 
 @pytest.mark.parametrize("method", INJECTED)
@@ -303,7 +408,9 @@ def test_bad_arguments_are_explained(tiny_dynunet):
         inject_lora(tiny_dynunet(), r=0)
     with pytest.raises(ValueError, match="dropout"):
         inject_lora(tiny_dynunet(), dropout=1.5)
-    with pytest.raises(ValueError, match="not plain convolutions"):
-        inject_adapters(tiny_dynunet(), targets=["nope.conv"])
+    with pytest.raises(ValueError, match="not modules"):
+        inject_adapters(tiny_dynunet(), targets=["nope.conv2"])
+    with pytest.raises(ValueError, match="not a sequence ending in a convolution"):
+        inject_adapters(tiny_dynunet(), targets=["input_block.conv2.conv"])
     with pytest.raises(ValueError, match="no conv block"):
         inject_adapters(nn.Sequential(nn.Conv3d(1, 2, 3)))

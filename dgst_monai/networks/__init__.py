@@ -1,31 +1,66 @@
-"""Networks of the lymph-node foundation model, and their layouts for the fine-tuning methods."""
+"""Networks of the lymph-node foundation model: builders, the nnU-Net layout and import, adapters, checkpoints.
+
+Importing this package registers nothing and loads no submodule: each name below imports its module on first
+access (PEP 562). The fine-tuning methods know MONAI's DynUNet and SwinUNETR layouts from
+:mod:`dgst_monai.roles` without any registration.
+
+Example::
+
+    from dgst_monai.networks import build_network, for_checkpoint
+
+    net = build_network("dynunet", preset="cpu-small")
+    net = for_checkpoint(net, "models/model.pt")   # adds the modules the fine-tuned checkpoint holds
+"""
 
 from __future__ import annotations
 
-from monai.networks.blocks import UnetOutBlock
-from monai.networks.nets import DynUNet, SwinUNETR
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from dgst_monai.roles import register_head_type, register_network
+#: public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "NETWORKS": "factory",
+    "build_network": "factory",
+    "export_nnunet": "nnunet_import",
+    "import_nnunet": "nnunet_import",
+    "NNUNetDynUNet": "nnunet_layout",
+    "DynUNetPlan": "planner",
+    "ResidualEncoderDynUNet": "planner",
+    "plan_dynunet": "planner",
+    "plan_preset": "planner",
+    "SwinUNETRPlan": "swinunetr",
+    "build_swinunetr": "swinunetr",
+    "swinunetr_plan": "swinunetr",
+    "Adapter": "adapters",
+    "inject_adapters": "adapters",
+    "inject_lora": "adapters",
+    "merge": "adapters",
+    "MergedView": "adapters",
+    "SpatialAdapter": "spatial_adapter",
+    "SpatialAdapterNetwork": "spatial_adapter",
+    "for_checkpoint": "checkpoints",
+}
 
-# final logit convs and deep-supervision heads, wherever they sit
-register_head_type(UnetOutBlock)
-register_network(
-    DynUNet,
-    encoder=("input_block", "downsamples", "bottleneck"),
-    decoder=("upsamples", "output_block", "deep_supervision_heads"),
-    heads=("output_block", "deep_supervision_heads"),
-)
-register_network(
-    SwinUNETR,
-    encoder=("swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"),
-    decoder=("decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out"),
-    heads=("out",),
-)
+__all__ = sorted(_EXPORTS)
 
-# The model zoo by name, the nnU-Net-style planner and the nnU-Net import. Their DynUNet subclasses
-# (ResidualEncoderDynUNet, NNUNetDynUNet) inherit DynUNet's layout above; no registration needed.
-from dgst_monai.networks.factory import NETWORKS, build_network  # noqa: E402
-from dgst_monai.networks.inference import InferenceDynUNet  # noqa: E402
-from dgst_monai.networks.nnunet_import import NNUNetDynUNet, export_nnunet, import_nnunet  # noqa: E402
-from dgst_monai.networks.planner import DynUNetPlan, ResidualEncoderDynUNet, plan_dynunet, plan_preset  # noqa: E402
-from dgst_monai.networks.swinunetr import build_swinunetr  # noqa: E402
+if TYPE_CHECKING:  # for type checkers and IDEs only
+    from dgst_monai.networks.adapters import Adapter, MergedView, inject_adapters, inject_lora, merge
+    from dgst_monai.networks.checkpoints import for_checkpoint
+    from dgst_monai.networks.factory import NETWORKS, build_network
+    from dgst_monai.networks.nnunet_import import export_nnunet, import_nnunet
+    from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
+    from dgst_monai.networks.planner import DynUNetPlan, ResidualEncoderDynUNet, plan_dynunet, plan_preset
+    from dgst_monai.networks.spatial_adapter import SpatialAdapter, SpatialAdapterNetwork
+    from dgst_monai.networks.swinunetr import SwinUNETRPlan, build_swinunetr, swinunetr_plan
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

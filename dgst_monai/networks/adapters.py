@@ -1,26 +1,34 @@
-"""LoRA and bottleneck adapters on the convolution layers of a segmentation network, and merging them back.
+"""LoRA and Houlsby adapters on the convolution layers of a segmentation network; the methods ``lora`` and
+``adapter`` of the fine-tuning registry.
 
 The paper's LoRA and Adapter baselines "target only the 3D convolution layers". Both are injected in place
-into the network (it stays a ``DynUNet``), both start equal to the foundation model (the output-side
-projection is zero), and both fold back exactly into the plain network with :func:`merge`, so inference
-and export never see them.
+into the network (it stays a ``DynUNet``) and both start equal to the foundation model (their output-side
+projection is zero). They differ in what happens after training:
 
-* **LoRA** (Hu et al.; released trainer: rank 32, alpha 16, dropout 0.1 via peft): a ``Conv3d`` with a kernel
-  peft can merge gets peft's own LoRA layer; a ``ConvTranspose3d`` (peft refuses it) or a conv whose kernel
-  starts ``1x1`` (peft's merge mis-shapes it) gets :class:`LoRAConv`, ours. Both compute
+* **LoRA** (Hu et al.; released trainer: rank 32, alpha 16, dropout 0.1 via peft) is a re-parameterisation:
+  it folds back exactly into the plain network with :func:`merge`, so inference and export never see it. A
+  ``Conv3d`` with a kernel peft can merge gets peft's own LoRA layer; a ``ConvTranspose3d`` (peft refuses it)
+  or a conv whose kernel starts ``1x1`` (peft's merge mis-shapes it) gets :class:`LoRAConv`, ours. Both compute
   ``base(x) + B(A(dropout(x))) * alpha / r`` with ``A`` carrying the kernel and ``B`` a zero-initialised 1x1x1.
-* **Adapter** (Houlsby et al.): a bottleneck ``z + up(down(z))`` after the last convolution of every conv block
-  (``UnetBasicBlock`` / ``UnetResBlock``), before its normalisation, with a zero-initialised ``up``. It is
-  *linear* (no activation, no bias) so that it folds into that convolution exactly; a bias would be cancelled
-  by the instance norm that follows anyway, and leaving it out keeps the merged state-dict keys unchanged.
+* **Adapter** (Houlsby et al.) is a bottleneck with a nonlinearity, :class:`Adapter`:
+  ``z + up(act(down(z)))``, ``down`` a 1x1x1 conv to ``channels // 4`` (with a bias), ``act`` the block's own
+  activation (LeakyReLU 0.01 in DynUNet and SwinUNETR), ``up`` a zero-initialised 1x1x1 conv back (no bias:
+  the instance norm that follows would cancel it). It sits where Houlsby puts it in a transformer layer, after
+  the block's last projection and before its normalisation and residual addition: appended to the
+  ``conv2`` ``Convolution`` of every ``UnetBasicBlock`` / ``UnetResBlock`` (DynUNet's encoder, bottleneck and
+  decoder, SwinUNETR's convolutional encoder and decoder blocks), as ``<block>.conv2.adapter``. Being
+  nonlinear, it cannot be folded into any convolution: it stays in the network for evaluation, inference and
+  TorchScript export.
 
-Checkpoints: an injected network keeps the foundation network's names under ``<conv>.base_layer.*`` and loads
-a *plain* state dict (the foundation checkpoint, or a merged fine-tuned one) strictly: each injected layer
-maps the plain keys onto its base layer and resets its own output projection to zero, so after loading the
-network computes exactly the loaded plain network. Its own full state dict (with the LoRA / adapter weights)
-loads as usual, for resuming. (MONAI's ``CheckpointLoader(strict_shape=False)`` first drops every key the
-injected network does not list, i.e. all foundation weights: keep the default ``strict_shape=True``.) For
-evaluation and export, save the merged network: :func:`merge`, or :class:`MergedView` in a ``CheckpointSaver``.
+Checkpoints: the adapter network keeps every key of the foundation network and adds
+``<block>.conv2.adapter.{down.weight, down.bias, up.weight}``; those keys say where each adapter sits and its
+width, and :func:`rebuild_adapters` (or :func:`dgst_monai.networks.for_checkpoint` in a bundle config) adds
+them to a freshly built plain network before a strict load. An injected network also loads a *plain* state
+dict (the foundation checkpoint) strictly: LoRA maps the plain keys onto its base layers, and both reset their
+output projections to zero, so after loading the network computes exactly the loaded plain network. Its own
+full state dict loads as usual, for resuming. (MONAI's ``CheckpointLoader(strict_shape=False)`` first drops
+every key the target does not list: keep the default ``strict_shape=True``.) For evaluation and export, save
+:func:`merge` (LoRA folded in, adapters kept), e.g. :class:`MergedView` in a ``CheckpointSaver``.
 
 Heads (``UnetOutBlock``: the final logit conv and the deep-supervision heads) are never injected.
 """
@@ -29,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -38,21 +46,35 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.parallel import DistributedDataParallel
 
-from dgst_monai.roles import describe_parameters
+from dgst_monai.methods import FineTuningMethod, clone_network, register_method
+from dgst_monai.roles import ParameterInfo, describe_parameters
+
+__all__ = [
+    "ADAPTER_BLOCKS",
+    "Adapter",
+    "LoRAConv",
+    "MergedView",
+    "adapter_targets",
+    "clone_network",
+    "fill_absent_on_load",
+    "inject_adapters",
+    "inject_lora",
+    "injected_kind",
+    "injected_kinds",
+    "injected_layers",
+    "merge",
+    "merged_parameter_names",
+    "rebuild_adapters",
+]
 
 InjectedKind = Literal["lora", "adapter"]
 
 #: Attribute names of the injected sub-modules, by method; peft's LoRA layers use the same ``lora_A`` / ``lora_B``.
-PARTS: dict[str, InjectedKind] = {
-    "lora_A": "lora",
-    "lora_B": "lora",
-    "adapter_down": "adapter",
-    "adapter_up": "adapter",
-}
-#: The output-side projections: zero at injection, reset to zero when a plain state dict is loaded.
-_ZERO_PARTS = ("lora_B", "adapter_up")
-#: Conv blocks after whose last convolution an adapter goes.
+PARTS: dict[str, InjectedKind] = {"lora_A": "lora", "lora_B": "lora", "adapter": "adapter"}
+#: Conv blocks whose last convolution (``conv2``) an adapter follows.
 ADAPTER_BLOCKS: tuple[type[nn.Module], ...] = (UnetBasicBlock, UnetResBlock)
+#: The adapter width is ``channels // ADAPTER_REDUCTION`` (at least 1).
+ADAPTER_REDUCTION = 4
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -65,6 +87,8 @@ def injected_kind(name: str) -> InjectedKind | None:
 
         >>> injected_kind("downsamples.0.conv1.conv.lora_A.default.weight")
         'lora'
+        >>> injected_kind("downsamples.0.conv2.adapter.down.weight")
+        'adapter'
         >>> injected_kind("downsamples.0.conv1.conv.base_layer.weight") is None
         True
     """
@@ -166,60 +190,75 @@ class LoRAConv(_Injected):
         return plain
 
 
-class ConvAdapter(_Injected):
-    """A convolution followed by a linear bottleneck residual adapter: ``z + up(down(z))``, ``z = base(x)``.
+class Adapter(nn.Module):
+    """Houlsby et al.'s bottleneck adapter on a feature map: ``x + up(act(down(x)))``.
 
-    ``down`` (out -> hidden) and ``up`` (hidden -> out) are bias-free 1x1x1 convolutions; ``up`` starts at zero,
-    so the layer starts equal to its base. Being linear, it folds into the base convolution exactly:
-    ``W' = (I + U D) W`` along the output channels (and ``b' = (I + U D) b`` if the base has a bias).
+    ``down`` maps ``channels`` to ``hidden`` (1x1x1 conv with a bias), ``act`` is a nonlinearity, ``up`` maps
+    back (1x1x1 conv, no bias) and starts at zero, so the adapter starts as the identity. The map is not affine
+    (``act`` is nonlinear), so no convolution reproduces it once ``up`` has trained.
+
+    A state dict without any of the adapter's entries (the plain foundation checkpoint) loads into it strictly
+    and resets it to the identity (``up = 0``, ``down`` as it is): see :func:`fill_absent_on_load`.
 
     Args:
-        base_layer: the convolution whose output is adapted.
+        channels: channels of the feature map.
         hidden: bottleneck width.
+        activation: the nonlinearity; default LeakyReLU(0.01), nnU-Net's and DynUNet's.
+        spatial_dims: 1, 2 or 3.
 
     Example::
 
-        layer = ConvAdapter(nn.Conv3d(16, 32, 3, padding=1, bias=False), hidden=8)
-        plain = layer.merged()  # nn.Conv3d computing the same function
+        adapter = Adapter(32, hidden=8)
+        y = adapter(torch.randn(1, 32, 8, 8, 8))   # equals the input until `up` is trained
     """
 
-    kind: InjectedKind = "adapter"
-
-    def __init__(self, base_layer: _ConvNd, hidden: int) -> None:
-        super().__init__(base_layer)
-        if hidden < 1:
-            raise ValueError(f"adapter bottleneck width must be >= 1, got {hidden}")
-        channels, d = base_layer.out_channels, self.dims
-        self.hidden = hidden
-        self.adapter_down = _CONV[d](channels, hidden, 1, bias=False)
-        self.adapter_up = _CONV[d](hidden, channels, 1, bias=False)
-        nn.init.zeros_(self.adapter_up.weight)
-        self.to(device=base_layer.weight.device, dtype=base_layer.weight.dtype).train(base_layer.training)
+    def __init__(
+        self, channels: int, hidden: int, activation: nn.Module | None = None, spatial_dims: int = 3
+    ) -> None:
+        super().__init__()
+        if hidden < 1 or channels < 1:
+            raise ValueError(f"adapter channels and bottleneck width must be >= 1, got {channels} and {hidden}")
+        conv = _CONV[spatial_dims]
+        self.down = conv(channels, hidden, 1, bias=True)
+        self.act = activation if activation is not None else nn.LeakyReLU(negative_slope=0.01)
+        self.up = conv(hidden, channels, 1, bias=False)
+        nn.init.zeros_(self.up.weight)
+        fill_absent_on_load(self, zero=("up",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.base_layer(x)
-        return z + self.adapter_up(self.adapter_down(z))
+        return x + self.up(self.act(self.down(x)))
 
-    def channel_map(self) -> torch.Tensor:
-        """``I + U D``: the (out, out) linear map the adapter applies to each voxel's channels, in float64."""
-        up = self.adapter_up.weight.detach().double().flatten(1)
-        down = self.adapter_down.weight.detach().double().flatten(1)
-        return torch.eye(up.shape[0], dtype=torch.float64, device=up.device) + up @ down
 
-    def merged(self) -> _ConvNd:
-        plain = copy.deepcopy(self.base_layer)
-        m = self.channel_map()
-        with torch.no_grad():
-            w = plain.weight.double()
-            # the output channel is dim 0 of a conv weight and dim 1 of a transposed-conv weight
-            w = torch.einsum("op,ip...->io...", m, w) if plain.transposed else torch.einsum("op,pi...->oi...", m, w)
-            plain.weight.copy_(w.to(plain.weight.dtype))
-            if plain.bias is not None:
-                plain.bias.copy_((m @ plain.bias.double()).to(plain.bias.dtype))
-        return plain
+def fill_absent_on_load(module: nn.Module, zero: Collection[str]) -> nn.Module:
+    """Let ``module`` (an added module) load a state dict that has none of its entries, strictly.
 
-    def merged_names(self) -> tuple[str, ...]:
-        return ("weight",) if self.base_layer.bias is None else ("weight", "bias")
+    Registers a load-state-dict pre-hook: when the state dict being loaded holds no entry of ``module``, the
+    module's current entries are supplied, with the children named in ``zero`` (its output projections) set to
+    zero, so that it starts again as the identity. A state dict with any of its entries loads as usual (a
+    partial one still fails a strict load).
+
+    Args:
+        module: the added module (an :class:`Adapter`, a spatial adapter).
+        zero: names of its direct children whose entries are zeroed.
+
+    Returns:
+        ``module``.
+
+    Example::
+
+        fill_absent_on_load(my_adapter, zero=("up",))
+    """
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        own = module.state_dict()
+        if any(prefix + key in state_dict for key in own):
+            return
+        for key, value in own.items():
+            zeroed = key.split(".", 1)[0] in zero
+            state_dict[prefix + key] = torch.zeros_like(value) if zeroed else value.detach().clone()
+
+    module.register_load_state_dict_pre_hook(hook)
+    return module
 
 
 def _check_lora(r: int, alpha: float, dropout: float) -> None:
@@ -231,21 +270,12 @@ def _check_lora(r: int, alpha: float, dropout: float) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
 
 
-def _accept_plain_state(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Load-state-dict pre-hook of an injected layer: accept the plain network's keys for this layer.
+def _accept_plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook of a LoRA layer: accept the plain network's keys for this layer.
 
-    A plain state dict names the conv ``<prefix>weight``; the injected layer holds it as
-    ``<prefix>base_layer.weight``. Rename those entries, and supply the injected entries so the layer equals
-    the loaded plain conv: output projections zero, input projections as they are.
+    A plain state dict names the conv ``<prefix>weight``; the LoRA layer holds it as
+    ``<prefix>base_layer.weight``. Rename those entries, and supply the LoRA entries so the layer equals
+    the loaded plain conv: ``B`` zero, ``A`` as it is.
     """
     base = module.get_submodule("base_layer")
     base_keys = list(base.state_dict().keys())
@@ -259,7 +289,7 @@ def _accept_plain_state(
     for k, value in module.state_dict().items():
         if k.startswith("base_layer."):
             continue
-        zero = k.split(".", 1)[0] in _ZERO_PARTS
+        zero = k.split(".", 1)[0] == "lora_B"
         state_dict[prefix + k] = torch.zeros_like(value) if zero else value.detach().clone()
 
 
@@ -274,8 +304,12 @@ def _is_peft_lora(module: nn.Module) -> bool:
     return peft_lora is not None and isinstance(module, peft_lora.LoraLayer)
 
 
-def _is_injected(module: nn.Module) -> bool:
+def _is_lora(module: nn.Module) -> bool:
     return isinstance(module, _Injected) or _is_peft_lora(module)
+
+
+def _is_injected(module: nn.Module) -> bool:
+    return _is_lora(module) or isinstance(module, Adapter)
 
 
 def _convs(model: nn.Module) -> Iterator[tuple[str, _ConvNd]]:
@@ -308,13 +342,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def injected_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The injected layers of ``model`` (ours and peft's), by first module name."""
+    """The injected modules of ``model``: LoRA layers (ours and peft's) and adapters, by first module name."""
     return {n: m for n, m in model.named_modules() if _is_injected(m)}
 
 
 def injected_kinds(model: nn.Module) -> set[InjectedKind]:
     """Which kinds of modules (``"lora"``, ``"adapter"``) ``model`` holds."""
-    return {"lora" if _is_peft_lora(m) else m.kind for m in injected_layers(model).values()}
+    return {"adapter" if isinstance(m, Adapter) else "lora" for m in injected_layers(model).values()}
 
 
 def _peft_can_merge(conv: _ConvNd) -> bool:
@@ -392,37 +426,72 @@ def _inject_peft(model: nn.Module, names: list[str], r: int, alpha: float, dropo
 
 
 def adapter_targets(model: nn.Module, blocks: Iterable[type[nn.Module]] = ADAPTER_BLOCKS) -> list[str]:
-    """Names of the convolutions an adapter goes after: the last conv (``conv2``) of every conv block."""
+    """Names of the places an adapter goes: the last convolution (``conv2``, a MONAI ``Convolution``) of every
+    conv block of ``model`` outside its heads.
+
+    Example::
+
+        adapter_targets(DynUNet(...))[:2]   # ['input_block.conv2', 'downsamples.0.conv2']
+    """
     block_types = tuple(blocks)
     heads = _head_convs(model)
-    convs = dict(_convs(model))
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, block_types) and not _is_injected(module):
-            conv = f"{name}.conv2.conv" if name else "conv2.conv"
-            if conv in convs and conv not in heads:
-                names.append(conv)
+        site = f"{name}.conv2" if name else "conv2"
+        if isinstance(module, block_types) and isinstance(getattr(module, "conv2", None), nn.Sequential):
+            if not any(h == site or h.startswith(site + ".") for h in heads):
+                names.append(site)
     return names
 
 
-def inject_adapters(model: nn.Module, reduction: int = 4, targets: Iterable[str] | None = None) -> nn.Module:
-    """Add a bottleneck residual adapter after the last convolution of every conv block of ``model``, in place.
+def _site_channels(model: nn.Module, site: str) -> int:
+    sequence = model.get_submodule(site)
+    convs = [m for m in sequence.children() if isinstance(m, _ConvNd)] if isinstance(sequence, nn.Sequential) else []
+    if not convs:
+        raise ValueError(
+            f"adapter site {site!r} of {type(model).__name__} is not a sequence ending in a convolution "
+            "(e.g. a MONAI Convolution)"
+        )
+    return convs[-1].out_channels
 
-    The adapter sits between that convolution and its normalisation, has width ``out_channels // reduction``
-    (at least 1) and a zero-initialised up-projection: the adapted network starts equal to ``model``. A network
-    that already holds adapters is returned unchanged.
+
+def _site_activation(model: nn.Module, site: str) -> nn.Module:
+    """The activation of the block the site belongs to (``lrelu`` of MONAI's conv blocks), copied."""
+    parent = model.get_submodule(site.rpartition(".")[0]) if "." in site else model
+    act = getattr(parent, "lrelu", None)
+    return copy.deepcopy(act) if isinstance(act, nn.Module) else nn.LeakyReLU(negative_slope=0.01)
+
+
+def _add_adapter(model: nn.Module, site: str, channels: int, hidden: int) -> None:
+    sequence = model.get_submodule(site)
+    reference = next(sequence.parameters())
+    adapter = Adapter(channels, hidden, _site_activation(model, site), spatial_dims=reference.dim() - 2)
+    adapter.to(device=reference.device, dtype=reference.dtype).train(sequence.training)
+    sequence.add_module("adapter", adapter)
+
+
+def inject_adapters(
+    model: nn.Module, reduction: int = ADAPTER_REDUCTION, targets: Iterable[str] | None = None
+) -> nn.Module:
+    """Append a Houlsby :class:`Adapter` to the last convolution of every conv block of ``model``, in place.
+
+    Each adapter sits between that convolution and its normalisation (``<block>.conv2.adapter``), has width
+    ``out_channels // reduction`` (at least 1), the block's activation and a zero-initialised up-projection:
+    the adapted network starts equal to ``model``. A network that already holds adapters is returned unchanged.
 
     Args:
         model: the network; modified in place.
         reduction: channels / bottleneck width.
-        targets: names of the convolutions to adapt; default :func:`adapter_targets` (``UnetBasicBlock`` and
-            ``UnetResBlock`` of MONAI's DynUNet / UNETR family).
+        targets: names of the ``nn.Sequential`` convolutions to follow with an adapter; default
+            :func:`adapter_targets` (``conv2`` of ``UnetBasicBlock`` / ``UnetResBlock``, MONAI's DynUNet and
+            SwinUNETR).
 
     Returns:
         ``model``.
 
     Raises:
-        ValueError: ``reduction`` < 1, an unknown target, or nothing to adapt.
+        ValueError: ``reduction`` < 1, a target that is not a sequence ending in a convolution, or nothing to
+            adapt.
 
     Example::
 
@@ -433,71 +502,99 @@ def inject_adapters(model: nn.Module, reduction: int = 4, targets: Iterable[str]
     if "adapter" in injected_kinds(model):
         return model
     names = adapter_targets(model) if targets is None else list(targets)
-    convs = dict(_convs(model))
-    unknown = [n for n in names if n not in convs]
-    if unknown:
-        raise ValueError(f"adapter targets are not plain convolutions of {type(model).__name__}: {unknown[:5]}")
     if not names:
         raise ValueError(
             f"{type(model).__name__} has no conv block ({', '.join(t.__name__ for t in ADAPTER_BLOCKS)}) to put an "
-            "adapter after; pass targets=[conv names]"
+            "adapter after; pass targets=[names of nn.Sequential convolutions]"
         )
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"adapter targets are not modules of {type(model).__name__}: {unknown[:5]}")
+    channels = {name: _site_channels(model, name) for name in names}  # checks every target before changing any
     for name in names:
-        conv = convs[name]
-        _replace(model, name, ConvAdapter(conv, hidden=max(1, conv.out_channels // reduction)))
+        _add_adapter(model, name, channels[name], max(1, channels[name] // reduction))
+    return model
+
+
+_ADAPTER_KEY = re.compile(r"(?P<site>.+)\.adapter\.down\.weight")
+
+
+def rebuild_adapters(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Add to a plain ``model``, in place, the adapters a fine-tuned state dict holds, so it loads strictly.
+
+    Every ``<site>.adapter.down.weight`` key names a site (``input_block.conv2``) and gives the adapter's width
+    and channels by its shape; the activation is the block's own, as at injection. Sites already holding an
+    adapter (and DynUNet's aliases of them under ``skip_layers``) are left as they are.
+
+    Args:
+        model: the plain network the state dict was trained from (e.g. the bundle's ``network_def``).
+        state_dict: the fine-tuned state dict (or any mapping with its keys and tensor shapes).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: a key names a site ``model`` does not have, or one that is not a convolution sequence.
+
+    Example::
+
+        state = torch.load("models/model.pt", weights_only=True)
+        rebuild_adapters(plain_net, state).load_state_dict(state)   # strict
+    """
+    for key, value in state_dict.items():
+        match = _ADAPTER_KEY.fullmatch(key)
+        if match is None:
+            continue
+        site = match["site"]
+        try:
+            channels = _site_channels(model, site)
+        except AttributeError:
+            raise ValueError(
+                f"the checkpoint has an adapter at {site!r} ({key}), which {type(model).__name__} does not have: "
+                "build the network the checkpoint was fine-tuned from"
+            ) from None
+        if "adapter" in model.get_submodule(site)._modules:
+            continue
+        hidden, width = int(value.shape[0]), int(value.shape[1])
+        if width != channels:
+            raise ValueError(f"{key}: an adapter of {width} channels after a convolution with {channels} outputs")
+        _add_adapter(model, site, channels, hidden)
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """A plain copy of ``model`` with every LoRA / adapter folded into its convolution.
+    """A copy of ``model`` for evaluation and export: every LoRA layer folded into its convolution, adapters kept.
 
-    The result has the foundation network's class and exactly its state-dict keys (it loads into a fresh
-    plain network with ``strict=True``), all parameters trainable, and computes what ``model`` computes in
-    eval mode (up to float rounding). ``model`` itself is not modified. A network without injected layers
-    is simply copied.
+    For a LoRA network the result has the foundation network's class and exactly its state-dict keys (it loads
+    into a fresh plain network with ``strict=True``). Adapters (and a spatial adapter around the network) are
+    not linear and stay, with their keys: :func:`dgst_monai.networks.for_checkpoint` rebuilds them in a plain
+    network before loading. The copy has all parameters trainable and computes what ``model`` computes in eval
+    mode (up to float rounding). ``model`` itself is not modified; a network without LoRA is simply copied.
 
     Args:
         model: a network from :func:`inject_lora` / :func:`inject_adapters` (or ``apply_method``), possibly
             wrapped in DistributedDataParallel.
 
     Returns:
-        The merged plain network.
+        The merged network.
 
     Example::
 
         plain = merge(network)                       # DynUNet
-        torch.save(plain.state_dict(), "model.pt")   # loads into the bundle's plain network_def
+        torch.save(plain.state_dict(), "model.pt")   # loads into the bundle's network_def (for_checkpoint)
     """
     if isinstance(model, DistributedDataParallel):
         model = model.module
     merged = clone_network(model)
     for name, layer in injected_layers(merged).items():
-        _replace(merged, name, _merged_layer(layer))
+        if _is_lora(layer):
+            _replace(merged, name, _merged_layer(layer))
     if hasattr(merged, "peft_config"):  # set by peft's injection; not part of a plain network
         del merged.peft_config
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged
-
-
-def clone_network(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` that also works after a forward pass with gradients enabled.
-
-    MONAI's DynUNet keeps its deep-supervision outputs of the last forward in a list attribute; those are not
-    graph leaves and refuse deepcopy. The copy shares them, detached: they are overwritten at the next forward.
-
-    Example::
-
-        copy_of_net = clone_network(net)
-    """
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, (list, tuple)):
-                for item in value:
-                    if isinstance(item, torch.Tensor) and item.grad_fn is not None:
-                        memo[id(item)] = item.detach()
-    return copy.deepcopy(model, memo)
 
 
 def _merged_layer(layer: nn.Module) -> nn.Module:
@@ -508,7 +605,7 @@ def _merged_layer(layer: nn.Module) -> nn.Module:
 
 
 def merged_parameter_names(model: nn.Module) -> list[str]:
-    """Names, in the merged plain network, of the parameters that merging rewrites (LoRA / adapter targets).
+    """Names, in the merged network, of the foundation parameters that merging rewrites (LoRA targets).
 
     Example::
 
@@ -517,17 +614,20 @@ def merged_parameter_names(model: nn.Module) -> list[str]:
     """
     names = []
     for name, layer in injected_layers(model).items():
+        if not _is_lora(layer):
+            continue
         rel = layer.merged_names() if isinstance(layer, _Injected) else ("weight",)
         names.extend(f"{name}.{r}" for r in rel)
     return names
 
 
 class MergedView:
-    """What a checkpoint saver should store for an injected network: its merged, plain state dict.
+    """What a checkpoint saver should store for a fine-tuned network: the state dict of :func:`merge`.
 
-    ``CheckpointSaver(save_dict={"model": MergedView(network)})`` writes a checkpoint that loads into the plain
-    network definition (evaluation, inference, export, :mod:`dgst_monai.delta`); save ``network`` itself to be
-    able to resume with the LoRA / adapter weights.
+    ``CheckpointSaver(save_dict={"model": MergedView(network)})`` writes a checkpoint that the plain network
+    definition loads (LoRA folded in; the keys of adapters say what
+    :func:`dgst_monai.networks.for_checkpoint` adds first): evaluation, inference, export,
+    :mod:`dgst_monai.delta`. Save ``network`` itself to be able to resume with the LoRA weights.
 
     Args:
         network: the injected network (kept by reference; merged at every ``state_dict()`` call).
@@ -540,3 +640,27 @@ class MergedView:
         """The merged plain network's state dict."""
         return merge(self.network).state_dict()
 
+
+# ------------------------------------------------------------------------------------------ registry methods
+
+
+def _injected_or_head(kind: InjectedKind) -> Callable[[ParameterInfo], bool]:
+    # like the released trainer, which always trains its seg_layers, the heads train whole beside LoRA / adapters
+    def trains(info: ParameterInfo) -> bool:
+        return info.head or injected_kind(info.name) == kind
+
+    return trains
+
+
+register_method(
+    FineTuningMethod(
+        "lora",
+        "LoRA",
+        _injected_or_head("lora"),
+        prepare=lambda model: inject_lora(model, r=32, alpha=16.0, dropout=0.1),  # the released trainer's peft
+        export=merge,
+    )
+)
+register_method(
+    FineTuningMethod("adapter", "Adapter", _injected_or_head("adapter"), prepare=inject_adapters, export=merge)
+)
