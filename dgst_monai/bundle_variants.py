@@ -62,8 +62,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "# CT lymph node segmentation foundation model (DynUNet), few-shot adaptable with DGST": (
                 "# CT lymph node segmentation foundation model (SwinUNETR), few-shot adaptable with DGST"
             ),
-            "| network | DynUNet, 6 stages, filters 32-64-128-256-320-320, kernels 3x3x1 then 3x3x3, strides as "
-            "nnU-Net plans them for 0.8 x 0.8 x 2.5 mm, instance norm with affine, 3 extra deep-supervision heads |": (
+            "| network | DynUNet in nnU-Net's layout (`--preset paper`), 6 stages, filters 32-64-128-256-320-320, "
+            "kernels 3x3x1 then 3x3x3, strides as nnU-Net plans them for 0.8 x 0.8 x 2.5 mm, a bias in every conv and "
+            "transposed conv, instance norm with affine, 3 extra deep-supervision heads |": (
                 "| network | SwinUNETR v1 (v2 with `--swin_version v2`), feature size 48, depths 2-2-2-2, patch 224 x 128 x 64 "
                 "(multiples of 32), no deep supervision |"
             ),

@@ -1,5 +1,5 @@
 """Every fine-tuning method of the paper runs through the ln_ct_dynunet finetune overlay with one override,
-and its final checkpoint is a plain network that the evaluate workflow loads."""
+and the evaluate workflow loads its final checkpoint (a plain network, or one with the modules it adds)."""
 
 from __future__ import annotations
 
@@ -38,12 +38,23 @@ def test_method_runs_through_the_finetune_overlay_and_evaluates(method, foundati
         ckpt_dir=str(tuned),
         **overrides,
     )
-    base = torch.load(foundation, map_location="cpu")
-    final = torch.load(tuned / "model.pt", map_location="cpu")
-    assert set(final) == set(base), f"{method}: the saved checkpoint is not a plain network"
-    changed = [k for k in base if not torch.equal(base[k], final[k])]
+    base = torch.load(foundation, map_location="cpu", weights_only=True)
+    final = torch.load(tuned / "model.pt", map_location="cpu", weights_only=True)
+    if method == "spatial_adapter":
+        # black box: the foundation is carried unchanged, only the adapter on its output is new
+        assert {k for k in final if not k.startswith("spatial_adapter.")} == {f"foundation.{k}" for k in base}
+        assert all(torch.equal(final[f"foundation.{k}"], v) for k, v in base.items())
+        assert any(k.startswith("spatial_adapter.") for k in final)
+        base = {k: v for k, v in final.items() if k.startswith("spatial_adapter.")}
+        changed = [k for k, v in base.items() if v.abs().sum() > 0]
+    else:
+        added = set(final) - set(base)
+        # LoRA is merged back into a plain network; the Houlsby adapters stay in it
+        assert added == ({k for k in final if ".adapter." in k} if method == "adapter" else set()), method
+        assert set(base) <= set(final)
+        changed = [k for k in base if not torch.equal(base[k], final[k])] + sorted(added)
     assert changed, f"{method}: nothing changed"
-    if METHODS[method].selector is None and method not in ("full", "scratch", "lora", "adapter"):
+    if METHODS[method].selector is None and method not in ("full", "scratch", "lora", "adapter", "spatial_adapter"):
         frozen_changed = [k for k in changed if k.endswith("conv.weight") and "output_block" not in k
                           and "deep_supervision" not in k and "skip_layers" not in k]
         assert not frozen_changed or method in ("encoder", "decoder"), f"{method} changed {frozen_changed[:3]}"
@@ -58,3 +69,27 @@ def test_method_runs_through_the_finetune_overlay_and_evaluates(method, foundati
         **overrides,
     )
     assert (tuned / "eval" / "summary.json").is_file()
+
+
+def test_spatial_adapter_with_the_size_prior_through_the_overlay(foundation, tiny_ct, tmp_path):
+    """`--size_prior true` attaches the transductive prior before DGSTHandler; it reads the non-shot images."""
+    overrides = {**TINY_NETWORK[BUNDLE], **TINY_RUN, "val_interval": 0, "num_validation": 0}
+    workflow = run_like_model_zoo(
+        BUNDLE,
+        ["train", "finetune"],
+        "train",
+        datalist=tiny_ct.mediastinum,
+        method="spatial_adapter",
+        shots=1,
+        size_prior=True,
+        foundation_checkpoint=str(foundation),
+        ckpt_dir=str(tmp_path / "tuned"),
+        **{"size_prior_handler#warmup_iterations": 0},
+        **overrides,
+    )
+    prior = workflow.parser.get_parsed_content("size_prior_handler")
+    unlabeled = prior.unlabeled.dataset.data
+    shots = {c["case_id"] for c in workflow.parser.get_parsed_content("shot_cases")}
+    assert unlabeled and all("label" not in c and c["case_id"] not in shots for c in unlabeled)
+    assert prior.last_fraction is not None and 0.0 <= float(prior.last_fraction) <= 1.0
+    assert 0.0 < prior.target_fraction < 1.0

@@ -20,6 +20,7 @@ from monai.networks.nets import DynUNet
 from torch.nn.functional import interpolate
 
 from dgst_monai import apply_method, describe_parameters
+from dgst_monai.normalization import load_normalization
 from dgst_monai.networks.nnunet_import import (
     NNUNetDynUNet,
     NNUNetImportError,
@@ -246,10 +247,17 @@ def test_export_loads_in_the_bundle_and_reproduces_nnunet(tmp_path):
     override = tmp_path / "models" / "model_override.json"
     assert checkpoint == tmp_path / "models" / "model.pt" and override.is_file()
     values = json.loads(override.read_text())
+    # only the topology: the bundle builds its own network class from the plan
+    assert set(values) == {"nnunet_source", "plan", "in_channels", "out_channels"}
+    plan = values["plan"]
     # bundle (x, y, z) order: the nnU-Net (z, y, x) plan reversed
-    assert values["spacing"] == [1.0, 1.0, 3.0] and values["patch_size"] == [32, 32, 8]
-    assert values["kernel_size"][0] == [3, 3, 1] and values["strides"][1] == [2, 2, 1]
-    assert values["deep_supr_num"] == 1  # max(1, n_stages - 3): the heads nnU-Net's loss trains
+    assert plan["spacing"] == [1.0, 1.0, 3.0] and plan["patch_size"] == [32, 32, 8]
+    assert plan["kernel_size"][0] == [3, 3, 1] and plan["strides"][1] == [2, 2, 1]
+    assert plan["deep_supr_num"] == 1  # max(1, n_stages - 3): the heads nnU-Net's loss trains
+    # the plans' foreground intensity properties become the checkpoint's normalisation
+    props = nnunet_plans(ANISOTROPIC)["foreground_intensity_properties_per_channel"]["0"]
+    intensity = load_normalization(checkpoint)
+    assert intensity["a_min"] == props["percentile_00_5"] and intensity["a_max"] == props["percentile_99_5"]
 
     x = torch.randn(1, 1, *ANISOTROPIC["patch"])
     expected = nnunet_outputs(reference, x, False).permute(0, 1, 4, 3, 2)

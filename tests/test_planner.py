@@ -27,6 +27,7 @@ from dgst_monai.networks.planner import (
     plan_dynunet,
     plan_preset,
 )
+from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
 from dgst_monai.networks.swinunetr import build_swinunetr
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ln_ct_dynunet"
@@ -34,7 +35,7 @@ NETWORK_KEYS = ("spacing", "patch_size", "filters", "kernel_size", "strides", "d
 
 
 def as_lists(plan: DynUNetPlan) -> dict:
-    return {k: v for k, v in plan.as_config().items() if k in NETWORK_KEYS}
+    return {k: v for k, v in plan.to_config().items() if k in NETWORK_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------- topology
@@ -93,9 +94,16 @@ def test_paper_preset_is_nnunet_3d_fullres_at_patch_80x112x224():
     assert 5.3e8 < plan.estimate_feature_map_elements() < 5.6e8
 
 
-def test_cpu_small_preset_matches_the_bundle_config():
-    expected = json.loads((BUNDLE / "configs" / "cpu_small.json").read_text())
-    assert as_lists(plan_preset("cpu-small")) == {k: expected[k] for k in NETWORK_KEYS}
+def test_cpu_small_preset_is_what_the_bundle_overlay_names():
+    assert json.loads((BUNDLE / "configs" / "cpu_small.json").read_text())["preset"] == "cpu-small"
+    assert as_lists(plan_preset("cpu-small")) == {
+        "spacing": [1.5, 1.5, 3.0],
+        "patch_size": [64, 64, 32],
+        "filters": [16, 32, 64, 128],
+        "kernel_size": [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+        "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
+        "deep_supr_num": 1,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -147,7 +155,7 @@ def test_estimate_equals_nnunet_count_for_the_same_plain_unet(deep_supervision):
 def test_plan_builds_a_dynunet_with_deep_supervision():
     plan = plan_preset("cpu-small", base_filters=4)
     net = plan.network(in_channels=1, out_channels=3)
-    assert type(net) is DynUNet
+    assert type(net) is NNUNetDynUNet  # nnU-Net's layout: a bias in every conv and transposed conv
     assert list(net.filters) == [4, 8, 16, 32]
     assert net.deep_supervision and len(net.deep_supervision_heads) == plan.deep_supr_num
     net.train()
@@ -158,13 +166,14 @@ def test_plan_builds_a_dynunet_with_deep_supervision():
         assert net(torch.randn(1, 1, *plan.patch_size)).shape == (1, 3, *plan.patch_size)
 
 
-def test_as_config_overrides_the_bundle_network():
+def test_to_config_rebuilds_the_plan_in_the_bundle():
     plan = plan_preset("cpu-small", base_filters=4)
-    config = plan.as_config()
+    config = plan.to_config()
     assert json.loads(json.dumps(config)) == config  # writable as an override file
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / "train.json")])
-    parser.update(config)
+    parser["plan"] = config
+    assert parser.get_parsed_content("plan") == plan
     parser["device"] = "$torch.device('cpu')"
     from_bundle = parser.get_parsed_content("network_def")
     direct = plan.network()
@@ -185,11 +194,9 @@ def test_residual_encoder_option():
     net.eval()
     with torch.no_grad():
         assert net(torch.randn(1, 1, *plan.patch_size)).shape == (1, 2, *plan.patch_size)
-    config = plan.as_config()
-    assert config["network_def#_target_"] == "dgst_monai.networks.planner.ResidualEncoderDynUNet"
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / "train.json")])
-    parser.update(config)
+    parser["plan"] = plan.to_config()
     parser["device"] = "$torch.device('cpu')"
     assert isinstance(parser.get_parsed_content("network_def"), ResidualEncoderDynUNet)
     # a plain residual DynUNet (one block per stage) is MONAI's own
@@ -259,7 +266,7 @@ def test_swinunetr_refuses_bad_arguments(kwargs, message):
 
 
 def test_build_network_by_name():
-    assert type(build_network("dynunet", base_filters=4)) is DynUNet
+    assert type(build_network("dynunet", base_filters=4)) is NNUNetDynUNet
     assert isinstance(build_network("dynunet_resenc", base_filters=4), ResidualEncoderDynUNet)
     assert build_network("dynunet", plan=plan_preset("cpu-small", base_filters=4)).filters == [4, 8, 16, 32]
     swin = build_network("swinunetr_v2", feature_size=12, out_channels=3)

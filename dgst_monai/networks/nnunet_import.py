@@ -59,6 +59,8 @@ import torch
 from torch import nn
 
 from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
+from dgst_monai.networks.planner import DynUNetPlan
+from dgst_monai.normalization import normalization_from_nnunet_plans, save_normalization
 
 __all__ = [
     "NNUNetDynUNet",
@@ -160,10 +162,12 @@ def export_nnunet(
 ) -> Path:
     """Save an nnU-Net v2 model as an ``ln_ct_dynunet`` bundle checkpoint plus its network override JSON.
 
-    Writes ``output`` (a ``.pt`` state dict the bundle's ``CheckpointLoader`` loads, strict) and next to it
-    ``<stem>_override.json``: the bundle keys ``spacing``, ``patch_size``, ``filters``, ``kernel_size``,
-    ``strides``, ``deep_supr_num`` and ``network_def#...`` (target :class:`NNUNetDynUNet`, biases, norm and
-    activation), in the bundle's ``(x, y, z)`` order (``axes="bundle"``, the default). Merge it last::
+    Writes ``output`` (a ``.pt`` state dict the bundle's ``CheckpointLoader`` loads, strict), next to it
+    ``normalization.json`` (the plans' foreground intensity properties: the model's own CT normalisation) and
+    ``<stem>_override.json``: the bundle's ``plan`` (a :class:`~dgst_monai.networks.planner.DynUNetPlan` with
+    the model's spacing, patch, kernels, strides, filters, norm, activation and biases, in the bundle's
+    ``(x, y, z)`` order with ``axes="bundle"``, the default) and the channels. The bundle builds its own network
+    class from it (nothing else changes). Merge it last::
 
         python -m monai.bundle run --config_file \\
             "['configs/train.json','configs/finetune.json','models/model_override.json']" \\
@@ -203,6 +207,19 @@ def export_nnunet(
     perm = bundle_to_nnunet_axes(model.transpose_forward) if axes == "bundle" else (0, 1, 2)
     norm_name, norm_args = model.kwargs["norm_name"]
     act_name, act_args = model.kwargs["act_name"]
+    # the bundle's own network class, rebuilt from this plan: only the topology changes, never the class
+    plan = DynUNetPlan(
+        patch_size=tuple(model.patch_size[a] for a in perm),
+        kernel_size=tuple(tuple(k) for k in net.kernel_size),
+        strides=tuple(tuple(s) for s in net.strides),
+        upsample_kernel_size=tuple(tuple(u) for u in net.upsample_kernel_size),
+        filters=tuple(net.filters),
+        deep_supr_num=deep_supr_num,
+        spacing=tuple(model.spacing[a] for a in perm),
+        norm_name=(norm_name, dict(norm_args)),
+        act_name=(act_name, dict(act_args)),
+        conv_bias=net.conv_bias,
+    )
     override = {
         "nnunet_source": {
             "model_folder": str(Path(model_folder).resolve()),
@@ -213,20 +230,12 @@ def export_nnunet(
             "transpose_forward": list(model.transpose_forward),
             "axes": axes,
         },
-        "spacing": [model.spacing[a] for a in perm],
-        "patch_size": [model.patch_size[a] for a in perm],
-        "filters": list(net.filters),
-        "kernel_size": [list(k) for k in net.kernel_size],
-        "strides": [list(s) for s in net.strides],
-        "deep_supr_num": deep_supr_num,
-        "network_def#_target_": f"{NNUNetDynUNet.__module__}.NNUNetDynUNet",
-        "network_def#in_channels": net.in_channels,
-        "network_def#out_channels": net.out_channels,
-        "network_def#norm_name": [norm_name, dict(norm_args)],
-        "network_def#act_name": [act_name, dict(act_args)],
-        "network_def#conv_bias": net.conv_bias,
-        "network_def#trans_bias": net.trans_bias,
+        "plan": plan.to_config(),
+        "in_channels": net.in_channels,
+        "out_channels": net.out_channels,
     }
+    # the model's CT normalisation travels with its weights, as for every bundle checkpoint
+    save_normalization(output.parent, normalization_from_nnunet_plans(Path(model_folder) / "plans.json"))
     override_path = output.with_name(f"{output.stem}_override.json")
     override_path.write_text(json.dumps(override, indent=4) + "\n")
     return output

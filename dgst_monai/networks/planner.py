@@ -140,6 +140,9 @@ class DynUNetPlan:
         batch_size: training batch size the memory estimate assumed.
         residual: residual blocks (``UnetResBlock``) instead of plain ones.
         blocks_per_stage: residual blocks per encoder stage (residual encoder), None for one per stage.
+        norm_name: normalization, as MONAI's ``norm_name`` (nnU-Net: affine instance norm, eps 1e-5).
+        act_name: activation, as MONAI's ``act_name`` (nnU-Net: leaky ReLU, slope 0.01).
+        conv_bias: a bias in every convolution and transposed convolution (nnU-Net's ``conv_bias``).
     """
 
     patch_size: tuple[int, ...]
@@ -152,6 +155,9 @@ class DynUNetPlan:
     batch_size: int = 2
     residual: bool = False
     blocks_per_stage: tuple[int, ...] | None = None
+    norm_name: tuple[str, dict[str, Any]] = ("INSTANCE", {"affine": True, "eps": 1e-5})
+    act_name: tuple[str, dict[str, Any]] = ("leakyrelu", {"inplace": True, "negative_slope": 0.01})
+    conv_bias: bool = True
 
     def __post_init__(self) -> None:
         # a plan read back from a bundle config (``to_config``) arrives as JSON lists
@@ -161,6 +167,9 @@ class DynUNetPlan:
                 object.__setattr__(self, name, tuple(value))
         for name in ("kernel_size", "strides", "upsample_kernel_size"):
             object.__setattr__(self, name, tuple(tuple(v) for v in getattr(self, name)))
+        for name in ("norm_name", "act_name"):
+            kind, args = getattr(self, name)
+            object.__setattr__(self, name, (str(kind), dict(args)))
 
     @property
     def n_stages(self) -> int:
@@ -207,7 +216,8 @@ class DynUNetPlan:
             strides=[list(s) for s in self.strides],
             upsample_kernel_size=[list(u) for u in self.upsample_kernel_size],
             filters=list(self.filters),
-            norm_name=("INSTANCE", {"affine": True}),
+            norm_name=(self.norm_name[0], dict(self.norm_name[1])),
+            act_name=(self.act_name[0], dict(self.act_name[1])),
             deep_supervision=deep_supervision,
             deep_supr_num=self.deep_supr_num,
             res_block=residual,
@@ -217,7 +227,7 @@ class DynUNetPlan:
         if residual:
             return DynUNet(**kwargs)
         kwargs.pop("res_block")
-        return NNUNetDynUNet(**kwargs)
+        return NNUNetDynUNet(**kwargs, conv_bias=self.conv_bias, trans_bias=self.conv_bias)
 
     def to_config(self) -> dict[str, Any]:
         """The plan as a bundle config component (``"plan": {...}``) that rebuilds exactly this plan.
@@ -238,6 +248,9 @@ class DynUNetPlan:
             "batch_size": self.batch_size,
             "residual": self.residual,
             "blocks_per_stage": None if self.blocks_per_stage is None else list(self.blocks_per_stage),
+            "norm_name": [self.norm_name[0], dict(self.norm_name[1])],
+            "act_name": [self.act_name[0], dict(self.act_name[1])],
+            "conv_bias": self.conv_bias,
         }
 
     def estimate_feature_map_elements(self, out_channels: int = 2, deep_supervision: bool = True) -> int:

@@ -1,0 +1,104 @@
+"""The CT normalisation belongs to the model: fine-tuning, evaluation and inference use the checkpoint's, and a
+re-estimate from the shots reads the shots' labels only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bundle_support import TINY_NETWORK, TINY_RUN, make_workflow
+from dgst_monai.data.datalists import few_shot, load_split
+from dgst_monai.normalization import load_normalization
+
+BUNDLE = "ln_ct_dynunet"
+NET = TINY_NETWORK[BUNDLE]
+
+
+def _run(configs: list[str], workflow_type: str, **overrides) -> None:
+    workflow = make_workflow(BUNDLE, configs, workflow_type, **NET, **TINY_RUN, **overrides)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+@pytest.fixture(scope="module")
+def foundation(tiny_ct, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("foundation")
+    _run(["train"], "train", datalist=tiny_ct.hn, ckpt_dir=str(folder))
+    return folder / "model.pt"
+
+
+def _copy_dataset(datalist: str, target: Path) -> Path:
+    shutil.copytree(Path(datalist).parent, target)
+    return target / Path(datalist).name
+
+
+def _with_other_labels_changed(datalist: str, target: Path, shots: int, seed: int) -> Path:
+    """A copy of the dataset in which every training label outside the shots is replaced (all foreground)."""
+    copy = _copy_dataset(datalist, target)
+    chosen = {c["case_id"] for c in few_shot(load_split(copy, "training"), shots, seed)}
+    others = [c for c in load_split(copy, "training") if c["case_id"] not in chosen]
+    assert others, "the test needs training cases outside the shots"
+    for case in others:
+        label = sitk.ReadImage(case["label"])
+        full = sitk.GetImageFromArray(np.ones(sitk.GetArrayFromImage(label).shape, np.uint8))
+        full.CopyInformation(label)
+        sitk.WriteImage(full, case["label"])
+    return copy
+
+
+@pytest.mark.parametrize("normalization", ["foundation", "shots"])
+def test_fine_tuning_normalisation_ignores_the_labels_of_other_cases(foundation, tiny_ct, tmp_path, normalization):
+    results = []
+    for name, datalist in (
+        ("original", tiny_ct.mediastinum),
+        ("changed", str(_with_other_labels_changed(tiny_ct.mediastinum, tmp_path / "changed_data", 1, 0))),
+    ):
+        tuned = tmp_path / name
+        _run(
+            ["train", "finetune"],
+            "train",
+            datalist=datalist,
+            foundation_checkpoint=str(foundation),
+            ckpt_dir=str(tuned),
+            method="full",
+            shots=1,
+            normalization=normalization,
+        )
+        results.append(json.loads((tuned / "normalization.json").read_text()))
+    assert results[0] == results[1]
+    if normalization == "foundation":
+        assert results[0] == load_normalization(foundation)
+    else:  # re-estimated from the one shot: not the source domain's window
+        assert results[0] != load_normalization(foundation)
+
+
+def test_evaluation_uses_the_checkpoints_window_not_the_datalists(foundation, tiny_ct, tmp_path):
+    shifted = _copy_dataset(tiny_ct.mediastinum, tmp_path / "shifted")
+    content = json.loads(shifted.read_text())
+    props = content["intensity_properties"]
+    content["intensity_properties"] = {**props, "mean": props["mean"] + 300.0, "percentile_00_5": -1000.0}
+    shifted.write_text(json.dumps(content))
+
+    summaries = []
+    for name, datalist in (("original", tiny_ct.mediastinum), ("shifted", str(shifted))):
+        workflow = make_workflow(
+            BUNDLE,
+            ["train", "evaluate"],
+            "eval",
+            datalist=datalist,
+            ckpt_dir=str(foundation.parent),
+            output_dir=str(tmp_path / name),
+            **NET,
+            **TINY_RUN,
+        )
+        workflow.initialize()
+        assert workflow.parser.get_parsed_content("intensity") == load_normalization(foundation)
+        workflow.run()
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    assert summaries[0] == summaries[1]
