@@ -1,32 +1,39 @@
 """Speed and memory of the DGST engine against full fine-tuning and the released trainer's construction.
 
-Runs an nnU-Net-sized MONAI DynUNet (3D, 1 input channel, 2 classes, filters 32-64-128-256-320-320, kernel 3,
-strides [1,2,2,2,2,2], instance norm with affine, deep supervision) with DiceCE deep-supervision loss and
-nnU-Net's SGD (lr 1e-3, momentum 0.99, Nesterov, weight decay 3e-5), on a fixed synthetic batch, and measures:
+What is timed is fine-tuning as the ``ln_ct_dynunet`` bundle runs it: a real MONAI ``SupervisedTrainer``
+with :class:`dgst_monai.DGSTHandler` attached, the network of a ``dgst_monai.networks`` plan (default: the
+paper's nnU-Net-sized DynUNet, ``plan_preset("paper")``: filters 32-64-128-256-320-320, 3x3x1 first kernel,
+strides [1,1,1] [2,2,1] [2,2,2] [2,2,2] [2,2,2] [2,1,2], affine instance norm, 3 deep-supervision heads), and
+the bundle's own loss and optimizer (``train.json`` + ``finetune.json``: deep-supervision DiceCE, SGD lr 1e-3,
+momentum 0.99, Nesterov, weight decay 3e-5), on a fixed synthetic batch. It measures:
 
-1. Iteration time of each mode, side by side in one process, modes interleaved round-robin so that machine
-   drift hits all of them equally. Each mode has its own copy of the network (same initial weights) and its own
-   optimizer. One iteration is::
+1. Iteration time of each mode, side by side in one process, modes interleaved round-robin (one
+   ``trainer.run()`` of one iteration per mode and round) so that machine drift hits all of them equally.
+   Each mode has its own trainer, network copy (same initial weights) and optimizer. The phases of an
+   iteration are read from the trainer's own events::
 
-       zero_grad -> forward + loss -> backward -> clip_grad_norm_(params, 12)
-         -> selection -> SparseUpdate.before_step(masks) -> optimizer.step() -> SparseUpdate.after_step()
+       ITERATION_STARTED -> forward (batch, zero_grad, forward) -> FORWARD_COMPLETED -> loss -> LOSS_COMPLETED
+         -> backward -> BACKWARD_COMPLETED -> handler (clip, select, mask) -> optimizer.step()
+         -> MODEL_COMPLETED -> handler (after_step: restore) -> ITERATION_COMPLETED
 
-   ``full`` skips selection and masking. ``dgst-strict`` / ``dgst-gradient`` use
-   :class:`dgst_monai.sparsity.GradientSelector` and :class:`dgst_monai.sparsity.SparseUpdate` in the two update
-   modes; ``released-gN`` masks gradients with a re-implementation of the released trainer's construction
-   (:func:`released_masks`). A ``-gN`` suffix sets gamma (default 1).
+   ``full`` is ``DGSTHandler(method="full")`` (gradient clipping only). ``dgst-strict`` / ``dgst-gradient`` are
+   ``DGSTHandler(method="dgst", update=...)``. ``released-gN`` clips and masks gradients with a
+   re-implementation of the released trainer's construction (:func:`released_masks`) in a handler on the same
+   event. A ``-gN`` suffix sets gamma (default 1).
 2. The selection alone, on the same real gradients (one backward of the network): ``GradientSelector()``
-   against :func:`released_masks`, median over repeats, gamma 1 and 2, and whether both select the same entries.
-3. Peak memory of each mode, each in a fresh subprocess (peak RSS only grows within a process): after set-up
-   the peak RSS is reset to the current RSS (``/proc/self/clear_refs``), then the growth of the peak RSS over
-   that RSS during ``--memory-iterations`` iterations is the mode's peak training memory. Measured twice: with
-   glibc malloc as is, and with a fixed 64 KiB mmap threshold so that freed tensors leave the RSS at once and
-   the peak follows live tensors rather than heap fragmentation.
+   against :func:`released_masks`, median over repeats, gamma 1 and 2, and whether both select the same entries;
+   and the update side (``SparseUpdate.before_step``, ``optimizer.step()``, ``SparseUpdate.after_step``).
+3. Peak memory of each mode, each in a fresh subprocess (peak RSS only grows within a process): when the
+   trainer starts (after the handler's set-up) the peak RSS is reset to the current RSS
+   (``/proc/self/clear_refs``), then the growth of the peak RSS over that RSS during ``--memory-iterations``
+   iterations is the mode's peak training memory. Measured twice: with glibc malloc as is, and with a fixed
+   64 KiB mmap threshold so that freed tensors leave the RSS at once and the peak follows live tensors rather
+   than heap fragmentation.
 
 Usage::
 
-    python benchmarks/bench_dgst.py --json bench.json             # nnU-Net-sized, about 10-15 min on 2 CPU cores
-    python benchmarks/bench_dgst.py --preset tiny                  # smoke run, under a minute
+    python benchmarks/bench_dgst.py --json bench.json             # nnU-Net-sized, an estimated 15-20 min on 2 CPU cores
+    python benchmarks/bench_dgst.py --preset tiny                  # smoke run, a few minutes (mostly imports)
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import inspect
 import json
 import os
 import platform
@@ -43,24 +51,31 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
-from monai.losses import DiceCELoss
-from monai.networks.nets import DynUNet
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from torch import nn
 
-from dgst_monai.losses import StackedDeepSupervisionLoss
+from dgst_monai import DGSTHandler
+from dgst_monai.networks import DynUNetPlan, plan_preset
 from dgst_monai.sparsity import GradientSelector, SparseUpdate
 
-PRESETS: dict[str, dict] = {
-    # nnU-Net-sized: what the acceptance item asks for
-    "nnunet": {"filters": [32, 64, 128, 256, 320, 320], "patch": [64, 96, 96], "iterations": 5, "warmup": 1},
-    # smoke run
+#: The bundle whose fine-tuning loss and optimizer are timed.
+BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "ln_ct_dynunet"
+PRESETS: dict[str, dict[str, Any]] = {
+    # nnU-Net-sized: the paper's plan at a 96x96x64 patch (x, y, z; nnU-Net's 64x96x96 in z, y, x)
+    "nnunet": {"plan": "paper", "patch": [96, 96, 64], "iterations": 5, "warmup": 1},
+    # smoke run: the cpu-small plan with filters 8-16-32-64
     "tiny": {
-        "filters": [8, 16, 32, 64],
-        "patch": [32, 48, 48],
+        "plan": "cpu-small",
+        "plan_overrides": {"base_filters": 8},
+        "patch": [48, 48, 32],
         "iterations": 3,
         "warmup": 1,
         "selection_repeats": 5,
@@ -68,8 +83,12 @@ PRESETS: dict[str, dict] = {
     },
 }
 DEFAULT_MODES = "full,dgst-strict,dgst-gradient,dgst-strict-g2,dgst-gradient-g2,released-g2"
-PHASES = ("zero_grad", "forward_loss", "backward", "clip", "select", "before_step", "step", "after_step")
-CLIP = 12.0
+#: Phases of one trainer iteration, between consecutive events (see the module docstring).
+PHASES = ("forward", "loss", "backward", "clip_select_mask", "step", "after_step")
+#: Phases that the fine-tuning method's handler spends (for ``full``: gradient clipping alone).
+HANDLER_PHASES = ("clip_select_mask", "after_step")
+#: Gradient clipping of the released trainer: DGSTHandler's default (nnU-Net's 12).
+CLIP: float = inspect.signature(DGSTHandler).parameters["clip_grad_norm"].default
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -99,6 +118,34 @@ def released_masks(sparse: dict[str, nn.Parameter], gamma: int) -> dict[str, tor
     return masks
 
 
+class ReleasedMasking:
+    """The released trainer's work after backward, as a handler on the trainer's ``BACKWARD_COMPLETED``:
+    clip the gradients' global norm, then multiply the kernels' gradients by :func:`released_masks`.
+
+    It masks the kernels DGST sparsifies (``GradientSelector``'s), so that both modes mask the same tensors.
+    """
+
+    def __init__(self, gamma: int) -> None:
+        self.gamma = gamma
+        self._trainable: list[nn.Parameter] = []
+        self._sparse: dict[str, nn.Parameter] = {}
+        self._update: SparseUpdate | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._setup)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def _setup(self, engine: SupervisedTrainer) -> None:
+        params = dict(engine.network.named_parameters())
+        self._trainable = [p for p in params.values() if p.requires_grad]
+        self._sparse = GradientSelector(engine.network, gamma=self.gamma).sparse
+        self._update = SparseUpdate(params, self._sparse, update="gradient")
+
+    def __call__(self, engine: SupervisedTrainer) -> None:
+        torch.nn.utils.clip_grad_norm_(self._trainable, CLIP)
+        self._update.before_step(released_masks(self._sparse, self.gamma))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Setup
 # --------------------------------------------------------------------------------------------------------------
@@ -124,22 +171,30 @@ def parse_mode(name: str) -> Mode:
     return Mode(name, "dgst", base.split("-")[1], gamma)
 
 
+def build_plan(args: argparse.Namespace) -> DynUNetPlan:
+    """The ``dgst_monai.networks`` plan ``args.plan``, with ``--filters`` / ``--deep-supr-num`` if given."""
+    plan = plan_preset(args.plan, **args.plan_overrides)
+    changes: dict[str, Any] = {}
+    if args.filters:
+        if len(args.filters) != plan.n_stages:
+            raise ValueError(
+                f"--filters needs one value per stage of plan {args.plan!r} ({plan.n_stages}), got {args.filters}"
+            )
+        changes["filters"] = tuple(args.filters)
+    if args.deep_supr_num is not None:
+        changes["deep_supr_num"] = args.deep_supr_num
+    plan = replace(plan, **changes)
+    totals = [1] * len(args.patch)
+    for stride in plan.strides:
+        totals = [t * s for t, s in zip(totals, stride)]
+    if any(p % t for p, t in zip(args.patch, totals)):
+        raise ValueError(f"--patch {args.patch} must be divisible by the plan's total strides {totals} per axis")
+    return plan
+
+
 def build_network(args: argparse.Namespace) -> nn.Module:
-    n = len(args.filters)
-    strides = [1] + [2] * (n - 1)
-    return DynUNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=2,
-        kernel_size=[3] * n,
-        strides=strides,
-        upsample_kernel_size=strides[1:],
-        filters=args.filters,
-        norm_name=("INSTANCE", {"affine": True}),
-        deep_supervision=True,
-        deep_supr_num=args.deep_supr_num,
-        res_block=False,
-    )
+    """The plan's training network (deep supervision on), as the bundle's ``train.json`` builds it."""
+    return build_plan(args).network(in_channels=1, out_channels=2, deep_supervision=True)
 
 
 def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,60 +213,89 @@ def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return image, label
 
 
-def make_loss() -> nn.Module:
-    return StackedDeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
+def fine_tuning_parts(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The bundle's fine-tuning loss and optimizer (``train.json`` + ``finetune.json``) for ``model``."""
+    parser = ConfigParser()
+    parser.read_config([str(Path(args.bundle) / "configs" / f"{n}.json") for n in ("train", "finetune")])
+    parser["network"] = model  # the optimizer config takes @network.parameters()
+    return parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer")
 
 
-class Runner:
-    """One mode: its own network copy, optimizer, selector and sparse update; times each phase of an iteration."""
+def method_handler(mode: Mode) -> DGSTHandler | ReleasedMasking:
+    """The handler a mode attaches: the real DGSTHandler, or the released construction."""
+    if mode.kind == "released":
+        return ReleasedMasking(mode.gamma)
+    if mode.kind == "full":
+        return DGSTHandler(method="full")
+    return DGSTHandler(method="dgst", gamma=mode.gamma, update=mode.update)
 
-    def __init__(self, mode: Mode, model: nn.Module, loss: nn.Module) -> None:
-        self.mode, self.model, self.loss = mode, model.train(), loss
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
-        self.select: Callable[[], dict[str, torch.Tensor]] | None = None
-        self.update: SparseUpdate | None = None
-        if mode.kind != "full":
-            selector = GradientSelector(model, gamma=mode.gamma)
-            if mode.kind == "dgst":
-                self.select = selector
-            else:
-                sparse = selector.sparse  # the same kernels as ours, so both modes mask the same tensors
-                self.select = lambda: released_masks(sparse, mode.gamma)
-            self.update = SparseUpdate(dict(model.named_parameters()), selector.sparse, update=mode.update)
 
-    def iteration(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
-        t: dict[str, float] = {}
-        clock = time.perf_counter
-        t0 = clock()
-        self.optimizer.zero_grad(set_to_none=True)
-        t1 = clock()
-        value = self.loss(self.model(image), label)
-        t2 = clock()
-        value.backward()
-        t3 = clock()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
-        t4 = clock()
-        masks = self.select() if self.select is not None else None
-        t5 = clock()
-        if self.update is not None:
-            self.update.before_step(masks)
-        t6 = clock()
-        self.optimizer.step()
-        t7 = clock()
-        if self.update is not None:
-            self.update.after_step()
-        t8 = clock()
-        del masks
-        stamps = (t0, t1, t2, t3, t4, t5, t6, t7, t8)
-        t = {phase: stamps[i + 1] - stamps[i] for i, phase in enumerate(PHASES)}
-        t["total"] = t8 - t0
-        t["loss"] = float(value.detach())
-        return t
+class ModeTrainer:
+    """One mode: a SupervisedTrainer of its own network copy on the fixed batch, with the mode's handler.
 
-    def release_grads(self) -> None:
-        """Free this mode's gradients between its iterations (untimed), so idle modes hold no gradients."""
-        self.optimizer.zero_grad(set_to_none=True)
+    The trainer is the bundle's (``train#trainer``) without decollation, which has nothing to feed here (no
+    post-processing) and would add the same work to every mode. Event handlers registered before and after
+    the mode's handler stamp the clock, so each phase of :data:`PHASES` is the time between two events of the
+    trainer's own iteration.
+    """
+
+    #: Clock stamps of an iteration, in the order the trainer reaches them; a phase ends at its stamp.
+    STAMPS = ("start", *PHASES, "end")
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        mode: Mode,
+        model: nn.Module,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        iterations: int = 1,
+    ) -> None:
+        self.mode, self.model = mode, model
+        loss, optimizer = fine_tuning_parts(args, model)
+        image, label = batch
+        self.trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            epoch_length=iterations,
+            train_data_loader=[{"image": image, "label": label}] * iterations,
+            network=model,
+            optimizer=optimizer,
+            loss_function=loss,
+            decollate=False,
+        )
+        self.stamps: dict[str, float] = {}
+        self.times: list[dict[str, float]] = []  # one entry per iteration run so far
+        before = {
+            "start": Events.ITERATION_STARTED,
+            "forward": IterationEvents.FORWARD_COMPLETED,
+            "loss": IterationEvents.LOSS_COMPLETED,
+            "backward": IterationEvents.BACKWARD_COMPLETED,
+            "step": IterationEvents.MODEL_COMPLETED,
+        }
+        after = {
+            "clip_select_mask": IterationEvents.BACKWARD_COMPLETED,
+            "after_step": IterationEvents.MODEL_COMPLETED,
+            "end": Events.ITERATION_COMPLETED,
+        }
+        for key, event in before.items():
+            self.trainer.add_event_handler(event, self._stamp, key)
+        method_handler(mode).attach(self.trainer)  # its callbacks run between the two sets of stamps
+        for key, event in after.items():
+            self.trainer.add_event_handler(event, self._stamp, key)
+
+    def _stamp(self, engine: Engine, key: str) -> None:
+        self.stamps[key] = time.perf_counter()
+        if key == "end":
+            s = [self.stamps[k] for k in self.STAMPS]
+            t = {phase: s[i + 1] - s[i] for i, phase in enumerate(PHASES)}
+            t["total"] = s[-1] - s[0]
+            t["loss_value"] = engine.state.output["loss"].item()  # after the last stamp: the sync is not timed
+            self.times.append(t)
+
+    def run(self) -> dict[str, float]:
+        """One ``trainer.run()`` (``iterations`` iterations); the phase times of its last iteration."""
+        self.trainer.run()
+        return self.times[-1]
 
 
 def _status_kib(key: str) -> int:
@@ -268,25 +352,29 @@ def log(msg: str) -> None:
 def bench_time(args: argparse.Namespace, modes: list[Mode]) -> dict:
     torch.manual_seed(args.seed)
     base = build_network(args)
-    image, label = make_batch(args)
-    runners = [Runner(m, copy.deepcopy(base), make_loss()) for m in modes]
+    batch = make_batch(args)
+    trainers = [ModeTrainer(args, m, copy.deepcopy(base), batch) for m in modes]
     del base
     raw: dict[str, list[dict[str, float]]] = {m.name: [] for m in modes}
     rounds = args.warmup + args.iterations
     for r in range(rounds):
-        for runner in runners:  # round-robin: full, dgst-strict, dgst-gradient, ... then again
-            t = runner.iteration(image, label)
-            runner.release_grads()
+        for trainer in trainers:  # round-robin: full, dgst-strict, dgst-gradient, ... then again
+            t = trainer.run()
             if r >= args.warmup:
-                raw[runner.mode.name].append(t)
+                raw[trainer.mode.name].append(t)
             tag = "warm-up" if r < args.warmup else f"{r - args.warmup + 1}/{args.iterations}"
-            log(f"[time {tag}] {runner.mode.name:<18} {t['total']:8.3f} s  (select {t['select']:.3f} s)")
+            log(
+                f"[time {tag}] {trainer.mode.name:<18} {t['total']:8.3f} s  "
+                f"(clip, select, mask {t['clip_select_mask']:.3f} s)"
+            )
     summary = {}
     full_raw = raw.get("full")
     full = median([t["total"] for t in full_raw]) if full_raw else float("nan")
+    # the handler's work in full mode (gradient clipping alone): what every mode does anyway
+    full_handler = sum(median([t[p] for t in full_raw]) for p in HANDLER_PHASES) if full_raw else float("nan")
     for m in modes:
         phases = {p: median([t[p] for t in raw[m.name]]) for p in (*PHASES, "total")}
-        added = phases["select"] + phases["before_step"] + phases["after_step"]
+        added = sum(phases[p] for p in HANDLER_PHASES) - full_handler
         summary[m.name] = {
             "median": phases,
             # ratio of medians
@@ -295,8 +383,8 @@ def bench_time(args: argparse.Namespace, modes: list[Mode]) -> dict:
             "paired_ratio": median([a["total"] / b["total"] for a, b in zip(raw[m.name], full_raw)])
             if full_raw
             else float("nan"),
-            # 1 + the work DGST adds (selection, masking/snapshot, restore) over full's iteration: the
-            # forward/backward noise of a loaded machine does not enter it
+            # 1 + the work the method's handler adds (selection, masking/snapshot, restore) over full's
+            # iteration: the forward/backward noise of a loaded machine does not enter it
             "added_s": added,
             "added_ratio": 1 + added / full,
         }
@@ -313,7 +401,8 @@ def bench_selection(args: argparse.Namespace) -> dict:
     model = build_network(args).train()
     image, label = make_batch(args)
     params = [p for p in model.parameters() if p.requires_grad]
-    make_loss()(model(image), label).backward()
+    loss, _ = fine_tuning_parts(args, model)
+    loss(model(image), label).backward()
     torch.nn.utils.clip_grad_norm_(params, CLIP)
     default_threads = torch.get_num_threads()
     out: dict = {}
@@ -376,7 +465,7 @@ def _update_at(args: argparse.Namespace, model: nn.Module) -> dict:
     selector = GradientSelector(model, gamma=1)
     out: dict = {}
     for update in ("none", "strict", "gradient"):
-        optimizer = torch.optim.SGD(list(named.values()), lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        _, optimizer = fine_tuning_parts(args, model)
         sparse = None if update == "none" else SparseUpdate(named, selector.sparse, update=update)
         before, step, after = [], [], []
         for _ in range(args.selection_repeats + 1):  # the first one allocates momentum buffers and snapshots
@@ -413,27 +502,23 @@ def memory_worker(args: argparse.Namespace) -> dict:
     """In a fresh process: peak RSS growth of ``args.memory_worker`` over ``args.memory_iterations`` iterations."""
     mode = parse_mode(args.memory_worker)
     torch.manual_seed(args.seed)
-    runner = Runner(mode, build_network(args), make_loss())
-    image, label = make_batch(args)
+    trainer = ModeTrainer(args, mode, build_network(args), make_batch(args), iterations=args.memory_iterations)
     gc.collect()
-    max_setup = maxrss_kib()  # peak of imports and set-up, not of training
-    reset = reset_peak_rss()
-    rss0, max0 = rss_kib(), maxrss_kib()
-    per_iteration = []
-    for _ in range(args.memory_iterations):
-        runner.iteration(image, label)
-        per_iteration.append(maxrss_kib())
-    runner.release_grads()
-    return {
-        "mode": mode.name,
-        "peak_reset": reset,
-        "maxrss_setup_kib": max_setup,
-        "rss_before_kib": rss0,
-        "maxrss_before_kib": max0,
-        "maxrss_after_kib": maxrss_kib(),
-        "maxrss_per_iteration_kib": per_iteration,
-        "peak_growth_kib": maxrss_kib() - rss0,
-    }
+    out: dict[str, Any] = {"mode": mode.name, "maxrss_setup_kib": maxrss_kib()}  # imports and set-up
+    per_iteration: list[int] = []
+
+    def started(engine: Engine) -> None:  # after the handler's set-up, before the first iteration
+        gc.collect()
+        out["peak_reset"] = reset_peak_rss()
+        out["rss_before_kib"], out["maxrss_before_kib"] = rss_kib(), maxrss_kib()
+
+    trainer.trainer.add_event_handler(Events.STARTED, started)
+    trainer.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: per_iteration.append(maxrss_kib()))
+    trainer.trainer.run()
+    out["maxrss_after_kib"] = maxrss_kib()
+    out["maxrss_per_iteration_kib"] = per_iteration
+    out["peak_growth_kib"] = out["maxrss_after_kib"] - out["rss_before_kib"]
+    return out
 
 
 ALLOCATORS = {
@@ -454,6 +539,7 @@ def bench_memory_with(args: argparse.Namespace, modes: list[Mode], allocator: st
     out = {}
     env = {**os.environ, **ALLOCATORS[allocator]}
     forwarded = [
+        "--preset", args.preset, "--plan", args.plan, "--bundle", args.bundle,
         "--filters", *map(str, args.filters), "--patch", *map(str, args.patch), "--batch", str(args.batch),
         "--deep-supr-num", str(args.deep_supr_num), "--seed", str(args.seed),
         "--memory-iterations", str(args.memory_iterations),
@@ -488,19 +574,18 @@ def report(result: dict) -> str:
     lines = []
     cfg = result["config"]
     lines.append(
-        f"network: DynUNet filters {cfg['filters']}, patch {cfg['patch']}, batch {cfg['batch']}, "
+        f"network: DynUNet plan {cfg['plan']}, filters {cfg['filters']}, patch {cfg['patch']}, batch {cfg['batch']}, "
         f"deep_supr_num {cfg['deep_supr_num']}, {cfg['parameters'] / 1e6:.2f} M parameters; "
         f"torch {cfg['torch']}, {cfg['threads']} threads, {cfg['cpus']} CPUs"
     )
     if "time" in result:
-        lines += ["", "| mode | median iteration (s) | ratio to full | paired ratio | select (s) | before_step (s) "
-                  "| step (s) | after_step (s) | 1 + added / full |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| mode | median iteration (s) | ratio to full | paired ratio | clip + select + mask (s) "
+                  "| step (s) | after_step (s) | 1 + added / full |", "|---|---|---|---|---|---|---|---|"]
         for name, s in result["time"]["summary"].items():
             md = s["median"]
             lines.append(
                 f"| {name} | {md['total']:.3f} | {s['ratio_to_full']:.3f} | {s['paired_ratio']:.3f} | "
-                f"{md['select']:.4f} | {md['before_step']:.4f} | {md['step']:.4f} | {md['after_step']:.4f} | "
-                f"{s['added_ratio']:.4f} |"
+                f"{md['clip_select_mask']:.4f} | {md['step']:.4f} | {md['after_step']:.4f} | {s['added_ratio']:.4f} |"
             )
     if "selection" in result:
         lines += ["", "| threads | gamma | ours median (s) | released median (s) | speed-up | same entries |",
@@ -534,10 +619,12 @@ def report(result: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="nnunet", help="network size and default counts")
-    p.add_argument("--filters", type=int, nargs="+", help="DynUNet filters per level (strides [1, 2, 2, ...])")
-    p.add_argument("--patch", type=int, nargs=3, help="patch size D H W")
+    p.add_argument("--plan", help="dgst_monai.networks plan preset of the network (default: the preset's)")
+    p.add_argument("--filters", type=int, nargs="+", help="filters, one per stage of the plan (default: the plan's)")
+    p.add_argument("--patch", type=int, nargs=3, help="patch size X Y Z, divisible by the plan's total strides")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--deep-supr-num", type=int, help="DynUNet deep-supervision heads (default min(3, levels - 2))")
+    p.add_argument("--deep-supr-num", type=int, help="DynUNet deep-supervision heads (default: the plan's)")
+    p.add_argument("--bundle", default=str(BUNDLE), help="bundle whose fine-tuning loss and optimizer are used")
     p.add_argument("--iterations", type=int, help="timed iterations per mode (default: preset's)")
     p.add_argument("--warmup", type=int, help="untimed warm-up rounds (default: preset's)")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, interleaved in this order ({DEFAULT_MODES})")
@@ -558,14 +645,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    args.filters = args.filters or preset["filters"]
+    # the preset's plan overrides apply to its own plan only; explicit --filters still win
+    args.plan_overrides = preset.get("plan_overrides", {}) if args.plan in (None, preset["plan"]) else {}
+    args.plan = args.plan or preset["plan"]
     args.patch = args.patch or preset["patch"]
     args.iterations = args.iterations if args.iterations is not None else preset.get("iterations", 5)
     args.warmup = args.warmup if args.warmup is not None else preset.get("warmup", 1)
     args.selection_repeats = args.selection_repeats or preset.get("selection_repeats", 9)
     args.released_repeats = args.released_repeats or preset.get("released_repeats", 5)
-    if args.deep_supr_num is None:
-        args.deep_supr_num = min(3, len(args.filters) - 2)
+    plan = build_plan(args)  # checks --filters and --patch against the plan before any work
+    args.filters, args.deep_supr_num = list(plan.filters), plan.deep_supr_num
     return args
 
 

@@ -55,8 +55,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "required_packages_version#einops": "0.8.2",
             "name": "CT lymph node segmentation foundation model (SwinUNETR)",
             "description": _SWIN_DESCRIPTION,
-            "network_data_format#inputs#image#spatial_shape": ["32*n", "32*n", "32*n"],
-            "network_data_format#outputs#pred#spatial_shape": ["32*n", "32*n", "32*n"],
+            "network_data_format#inputs#image#spatial_shape": ["64*n", "64*n", "64*n"],
+            "network_data_format#outputs#pred#spatial_shape": ["64*n", "64*n", "64*n"],
         },
         "docs/README.md": {
             "# CT lymph node segmentation foundation model (DynUNet), few-shot adaptable with DGST": (

@@ -69,6 +69,5 @@ def test_bundle_copied_alone_initialises_trains_infers_and_verifies(bundle, tiny
         meta_file=str(root / "configs" / "metadata.json"),
         config_file=str(root / "configs" / "inference.json"),
         device="cpu",
-        n=2,
         **net,
     )

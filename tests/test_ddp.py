@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 from pathlib import Path
 
@@ -12,34 +11,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ignite.engine import Events
+from helpers import build_tiny_dynunet, free_port, make_loss, nnunet_sgd
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
-from monai.losses import DiceCELoss
-from monai.networks.nets import DynUNet
 from torch.nn.parallel import DistributedDataParallel
 
 from dgst_monai import DGSTHandler, apply_method
-from dgst_monai.losses import StackedDeepSupervisionLoss
 from dgst_monai.sparsity import GradientSelector, SparseUpdate
 
 WORLD_SIZE = 2
 ITERATIONS = 3
 SIZE = 16
-
-
-def _net() -> DynUNet:
-    return DynUNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=2,
-        kernel_size=[3, 3, 3, 3],
-        strides=[1, 2, 2, 2],
-        upsample_kernel_size=[2, 2, 2],
-        filters=[4, 8, 16, 32],
-        norm_name=("INSTANCE", {"affine": True}),
-        deep_supervision=True,
-        deep_supr_num=1,
-    )
 
 
 def _rank_data(rank: int, n: int) -> list[dict[str, torch.Tensor]]:
@@ -53,22 +35,14 @@ def _rank_data(rank: int, n: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def _loss() -> StackedDeepSupervisionLoss:
-    return StackedDeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
-
-
-def _sgd(params) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.05, momentum=0.99, nesterov=True, weight_decay=3e-5)
-
-
 def _core_loop(rank: int) -> dict:
     """GradientSelector + SparseUpdate around SGD on a DDP-wrapped network; masks of every iteration."""
     torch.manual_seed(rank)  # different initial weights too: DDP must broadcast rank 0's
-    ddp = DistributedDataParallel(apply_method(_net(), "dgst"))
-    optimizer = _sgd(ddp.parameters())
+    ddp = DistributedDataParallel(apply_method(build_tiny_dynunet(), "dgst"))
+    optimizer = nnunet_sgd(ddp.parameters())
     selector = GradientSelector(ddp, gamma=1)
     update = SparseUpdate(dict(ddp.named_parameters()), selector.sparse, update="strict")
-    loss_fn = _loss()
+    loss_fn = make_loss()
     masks, losses = [], []
     for item in _rank_data(rank, ITERATIONS):
         optimizer.zero_grad()
@@ -91,14 +65,14 @@ def _core_loop(rank: int) -> dict:
 def _handler_run(rank: int) -> dict:
     """DGSTHandler(dgst, gamma 2, strict) on a SupervisedTrainer driving the DDP network; weights per iteration."""
     torch.manual_seed(rank)
-    ddp = DistributedDataParallel(apply_method(_net(), "dgst"))
+    ddp = DistributedDataParallel(apply_method(build_tiny_dynunet(), "dgst"))
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
         train_data_loader=DataLoader(_rank_data(rank, ITERATIONS), batch_size=1, shuffle=False),
         network=ddp,
-        optimizer=_sgd(ddp.parameters()),
-        loss_function=_loss(),
+        optimizer=nnunet_sgd(ddp.parameters()),
+        loss_function=make_loss(),
     )
     history = []
     trainer.add_event_handler(
@@ -115,14 +89,14 @@ def _handler_run(rank: int) -> dict:
 
 def _mismatched_trainable_set_error(rank: int) -> str:
     """DGSTHandler('bias') on a network wrapped in DDP with everything trainable: the error message, or ''."""
-    ddp = DistributedDataParallel(_net())
+    ddp = DistributedDataParallel(build_tiny_dynunet())
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
         train_data_loader=DataLoader(_rank_data(rank, 1), batch_size=1),
         network=ddp,
-        optimizer=_sgd(ddp.parameters()),
-        loss_function=_loss(),
+        optimizer=nnunet_sgd(ddp.parameters()),
+        loss_function=make_loss(),
     )
     DGSTHandler(method="bias").attach(trainer)
     try:
@@ -152,17 +126,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> list[dict]:
     """Run the two-rank job once; return what each rank saved."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
+    context = mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):  # re-raises a rank's exception
         if time.monotonic() > deadline:
@@ -170,7 +138,7 @@ def ddp_results(tmp_path_factory) -> list[dict]:
                 if proc.is_alive():
                     proc.kill()
             pytest.fail("the DDP ranks did not finish within 120 s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
 
 def test_ddp_ranks_see_different_data(ddp_results):

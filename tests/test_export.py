@@ -1,43 +1,228 @@
-"""TorchScript export of both bundles (``ckpt_export``) and the model-zoo shape check (``verify_net_in_out``).
+"""Export to the model zoo (``dgst-monai export``), the documented ``ckpt_export`` command, and the shipped
+metadata's shapes as the model zoo's CI checks them.
 
-The checkpoint is what training writes (for DynUNet: with deep-supervision heads); the export network is the
-inference config's ``network_def``; the exported model must give the training network's eval-mode output.
+The export tests fine-tune a tiny network through the bundle (its own configs, which write the training record
+and the normalisation beside the checkpoint), evaluate it, export it, unzip the bundle alone into an empty folder
+and check it there with MONAI's own tools; then the masks of ``models/model.ts`` and ``models/model.pt`` must be
+those of the source checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
-from bundle_support import BUNDLES, TINY_NETWORK
-from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+from bundle_support import BUNDLES, TINY_NETWORK, TINY_RUN
+from helpers import bundle_workflow
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
 
-#: Patch of the round trip and the traced SwinUNETR (the tiny networks' patch size).
-PATCH = {"ln_ct_dynunet": (32, 32, 16), "ln_ct_swinunetr": (64, 64, 32)}
+from dgst_monai.data.datalists import ct_normalization
+from dgst_monai.export import BundleCheckError, export_bundle, save_training_record, verify_bundle
+from dgst_monai.networks import plan_preset, swinunetr_plan
+from dgst_monai.normalization import save_normalization
+from dgst_monai.predict import predict
+
+#: Patch of the tiny networks (the sliding window's ROI).
+PATCH = {"ln_ct_dynunet": plan_preset("tiny").patch_size, "ln_ct_swinunetr": swinunetr_plan("tiny").patch_size}
+SITE = "ln_ct_dynunet_site"
+SHOTS = 2
 
 
-def _network(bundle: str, config: str, **overrides) -> torch.nn.Module:
+def _network(root: Path, config: str, preset: str = "tiny") -> torch.nn.Module:
     parser = ConfigParser()
-    parser.read_config(str(BUNDLES / bundle / "configs" / f"{config}.json"))
-    for key, value in {**TINY_NETWORK[bundle], **overrides}.items():
-        parser[key] = value
+    parser.read_config(str(root / "configs" / f"{config}.json"))
+    parser["preset"] = preset
     return parser.get_parsed_content("network_def")
 
 
-def _training_checkpoint(bundle: str, path) -> torch.nn.Module:
+def _foundation(root: Path, folder: Path, datalist: str, preset: str = "tiny") -> Path:
+    """A foundation checkpoint as training writes it: the training network's state and normalization.json."""
     torch.manual_seed(0)
-    net = _network(bundle, "train")
-    torch.save(net.state_dict(), path)
-    return net.eval()
+    folder.mkdir(parents=True)
+    torch.save(_network(root, "train", preset).state_dict(), folder / "model.pt")
+    save_normalization(folder, ct_normalization(datalist))
+    return folder / "model.pt"
+
+
+def _verify_net_like_the_zoo(root: Path, **overrides) -> None:
+    """``verify_net_in_out`` as the model zoo's CI calls it (``network_def`` of ``configs/inference.json``,
+    default ``n``)."""
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(root / "configs" / "metadata.json"),
+        config_file=str(root / "configs" / "inference.json"),
+        bundle_root=str(root),
+        device="cpu",
+        **overrides,
+    )
+
+
+def _run(workflow: ConfigWorkflow) -> None:
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_ct, tmp_path_factory) -> SimpleNamespace:
+    """Fine-tune (strict DGST, 2 shots) and evaluate through a copy of the bundle, export, unzip alone."""
+    base = tmp_path_factory.mktemp("export")
+    source = base / "source" / "ln_ct_dynunet"
+    shutil.copytree(BUNDLES / "ln_ct_dynunet", source, ignore=shutil.ignore_patterns("data", "models", "eval"))
+    foundation = _foundation(source, base / "foundation", tiny_ct.hn)
+    tuned = base / "tuned"
+    run = {**TINY_NETWORK["ln_ct_dynunet"], **TINY_RUN, "datalist": tiny_ct.mediastinum, "ckpt_dir": str(tuned)}
+    finetune = {"foundation_checkpoint": str(foundation), "method": "dgst", "shots": SHOTS}
+    _run(bundle_workflow(source, ["train", "finetune"], "train", **finetune, **run))
+    assert (tuned / "training_record.json").is_file(), "the fine-tune run must write its training record"
+    _run(bundle_workflow(source, ["train", "evaluate"], "eval", **run))
+    output = base / "out" / f"{SITE}.zip"
+    export_bundle(
+        source,
+        tuned / "model.pt",
+        output,
+        evaluation=tuned / "eval" / "summary.json",
+        check_overrides={"datalist": tiny_ct.hn, "num_validation": 1},
+    )
+    unzipped = base / "unzipped"
+    unzipped.mkdir()
+    with zipfile.ZipFile(output) as archive:
+        archive.extractall(unzipped)
+    return SimpleNamespace(source=source, tuned=tuned, output=output, unzipped=unzipped, root=unzipped / SITE)
+
+
+def test_exported_bundle_unzips_alone_and_passes_the_model_zoo_checks(exported, tiny_ct):
+    """One bundle folder in the zip, no link, no file over 25 MB; train and infer workflows initialise with
+    every property; verify_net_in_out as the zoo's CI runs it (default n); the weights are the checkpoint's."""
+    root = exported.root
+    assert [p.name for p in exported.unzipped.iterdir()] == [SITE]
+    files = [p for p in root.rglob("*") if not p.is_dir()]
+    assert [p for p in files if p.is_symlink()] == []
+    assert max(p.stat().st_size for p in files) <= 25_000_000
+    for name in ("LICENSE", "configs/metadata.json", "docs/README.md", "large_files.yml", "models/model.ts"):
+        assert (root / name).is_file(), name
+    assert (root / "models" / "model.pt").read_bytes() == (exported.tuned / "model.pt").read_bytes()
+    normalization = json.loads((root / "models" / "normalization.json").read_text())
+    assert normalization == json.loads((exported.tuned / "normalization.json").read_text())
+
+    for configs, workflow_type, overrides in (
+        (["train"], "train", {"datalist": tiny_ct.hn, "num_validation": 1, "ckpt_dir": str(root / "run")}),
+        (["inference"], "infer", {}),
+    ):
+        workflow = bundle_workflow(root, configs, workflow_type, **overrides)
+        workflow.initialize()
+        assert workflow.check_properties() == [], configs
+    _verify_net_like_the_zoo(root)
+
+
+def test_exported_configs_carry_the_trained_network_and_the_metadata_of_its_run(exported):
+    """plan written out (the tiny preset the checkpoint was trained with, no preset key left); a new version
+    whose changelog names method, shots and data; eval_metrics from the evaluation summary."""
+    root = exported.root
+    tiny = plan_preset("tiny").to_config()
+    for name in ("train", "inference"):
+        config = json.loads((root / "configs" / f"{name}.json").read_text())
+        assert config["plan"] == tiny and "preset" not in config, name
+    assert not (root / "configs" / "cpu_small.json").exists()  # an overlay that could no longer apply
+
+    source = json.loads((exported.source / "configs" / "metadata.json").read_text())
+    metadata = json.loads((root / "configs" / "metadata.json").read_text())
+    major, minor, patch = (int(v) for v in source["version"].split("."))
+    assert metadata["version"] == f"{major}.{minor}.{patch + 1}"
+    assert list(metadata["changelog"]) == [metadata["version"], *source["changelog"]]
+    entry = metadata["changelog"][metadata["version"]]
+    assert "DGST" in entry and f"{SHOTS} shots" in entry and "dgst_synthetic_mediastinum" in entry
+    summary = json.loads((exported.tuned / "eval" / "summary.json").read_text())
+    means = {"mean_dice": summary["dice"]["mean"], "mean_nsd_1mm": summary["nsd_1mm"]["mean"]}
+    assert metadata["eval_metrics"] == means
+    shape = metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    assert shape == list(PATCH["ln_ct_dynunet"])
+
+
+def _mask(path: str) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(path))
+
+
+def test_model_ts_and_model_pt_give_the_source_checkpoints_masks(exported, tiny_ct, tmp_path):
+    """On a synthetic CT: the source bundle with the fine-tuned checkpoint, the exported bundle as it is
+    (models/model.pt) and the exported bundle running models/model.ts write the same mask."""
+    image = str(Path(tiny_ct.mediastinum).parent / "imagesTs" / "mediastinum_0002.nii.gz")
+    checkpoint = str(exported.tuned / "model.pt")
+    (source,) = predict(exported.source, image, tmp_path / "source", checkpoint=checkpoint, preset="tiny")
+    (from_pt,) = predict(exported.root, image, tmp_path / "pt")
+    torchscript = {
+        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts')",
+        "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],  # no CheckpointLoader: weights in .ts
+    }
+    (from_ts,) = predict(exported.root, image, tmp_path / "ts", **torchscript)
+    expected = _mask(source)
+    assert 0 < expected.mean() < 1, "a mask of one label would make the comparison vacuous"
+    np.testing.assert_array_equal(_mask(from_pt), expected)
+    np.testing.assert_array_equal(_mask(from_ts), expected)
+
+
+def test_export_with_a_preset_overlay_merges_it_and_checks_the_checkpoint(tiny_ct, tmp_path):
+    """--preset cpu_small (an overlay config) is merged into train.json; a checkpoint of another network, or a
+    preset that contradicts the training record, is refused before anything is written."""
+    root = BUNDLES / "ln_ct_dynunet"
+    ckpt = _foundation(root, tmp_path / "small", tiny_ct.hn, preset="cpu-small")
+    output = tmp_path / "out" / "small_site.zip"
+    checks = {"datalist": tiny_ct.hn, "num_validation": 1}
+    with pytest.raises(ValueError, match=r"(?s)does not fit the network.*--preset"):
+        export_bundle(root, ckpt, output, changelog="pre-trained", check_overrides=checks)  # the default: paper
+    assert not output.exists()
+    with pytest.raises(ValueError, match="changelog"):
+        export_bundle(root, ckpt, output, preset="cpu_small")  # no training record: nothing to say what it is
+
+    export_bundle(root, ckpt, output, preset="cpu_small", changelog="pre-trained", check_overrides=checks)
+    with zipfile.ZipFile(output) as archive:
+        train = json.loads(archive.read("small_site/configs/train.json"))
+    overlay = json.loads((root / "configs" / "cpu_small.json").read_text())
+    assert train["plan"] == plan_preset("cpu-small").to_config()
+    assert {k: train[k] for k in overlay if k != "preset"} == {k: v for k, v in overlay.items() if k != "preset"}
+
+    save_training_record(ckpt.parent, {"plan": plan_preset("cpu-small"), "method": None, "datalist": tiny_ct.hn})
+    with pytest.raises(ValueError, match="leave out --preset"):
+        export_bundle(root, ckpt, output, preset="tiny")
+
+
+def test_training_record_stores_plans_as_configs_and_cases_as_ids(tmp_path):
+    """The record holds the plan's to_config() and the case ids of datalist entries (not scan paths)."""
+    cases = [{"case_id": "site_0001", "image": "/scans/a.nii.gz"}, {"image": "/scans/site_0002.nii.gz"}]
+    path = save_training_record(tmp_path, {"plan": plan_preset("tiny"), "cases": cases, "method": "dgst", "shots": 2})
+    record = json.loads(Path(path).read_text())
+    assert record["plan"] == plan_preset("tiny").to_config()
+    assert record["cases"] == ["site_0001", "site_0002"]
+    assert (record["method"], record["shots"]) == ("dgst", 2)
+    with pytest.raises(TypeError, match="optimizer"):
+        save_training_record(tmp_path, {"optimizer": object()})
+
+
+def test_verify_bundle_lists_links_and_files_over_the_zoo_limit(exported, tmp_path):
+    """A symbolic link and a file over 25 MB are both reported, naming the files."""
+    root = tmp_path / SITE
+    shutil.copytree(exported.root, root)
+    (root / "docs" / "big.bin").write_bytes(b"\0" * 25_000_001)
+    (root / "docs" / "link.md").symlink_to(root / "docs" / "README.md")
+    with pytest.raises(BundleCheckError, match=r"(?s)docs/big\.bin is 25\.0 MB.*docs/link\.md is a symbolic link"):
+        verify_bundle(root)
 
 
 def _export_command(bundle: str, tmp_path, *extra: str) -> list[str]:
-    """``python -m monai.bundle ckpt_export network_def ...`` as documented, with the tiny-network overrides."""
+    """``python -m monai.bundle ckpt_export network_def ...`` as documented, with the tiny preset."""
     root = BUNDLES / bundle
-    overrides = [a for k, v in TINY_NETWORK[bundle].items() for a in (f"--{k}", str(v).replace(" ", ""))]
+    overrides = [a for k, v in TINY_NETWORK[bundle].items() for a in (f"--{k}", str(v))]
     return [
         sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
         "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(tmp_path / "model.pt"),
@@ -51,17 +236,19 @@ def test_ckpt_export_round_trip_equals_the_checkpoint(bundle, tmp_path):
     """ckpt_export loads the training checkpoint strictly into the inference network and model.ts gives the
     training network's output. DynUNet is scripted (in-process API); SwinUNETR is traced, through the command
     line as documented (``--use_trace true``), at the patch the sliding window feeds it."""
-    trained = _training_checkpoint(bundle, tmp_path / "model.pt")
+    root = BUNDLES / bundle
+    torch.manual_seed(0)
+    trained = _network(root, "train").eval()
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
     if bundle == "ln_ct_swinunetr":
         shape = str([1, 1, *PATCH[bundle]]).replace(" ", "")
         command = _export_command(bundle, tmp_path, "--use_trace", "true", "--input_shape", shape)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300
-    )
+            command, cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     else:
-        root = BUNDLES / bundle
         ckpt_export(
             net_id="network_def",
             filepath=str(tmp_path / "model.ts"),
@@ -79,29 +266,8 @@ def test_ckpt_export_round_trip_equals_the_checkpoint(bundle, tmp_path):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_verify_net_in_out_dynunet_at_the_shipped_patch():
-    """The shipped metadata's input/output description fits the inference network (paper topology, thin filters)."""
-    root = BUNDLES / "ln_ct_dynunet"
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(root / "configs" / "metadata.json"),
-        config_file=str(root / "configs" / "inference.json"),
-        device="cpu",
-        filters=[2, 2, 2, 2, 2, 2],  # the paper's six-level topology and patch, few channels to stay fast
-    )
-
-
-def test_verify_net_in_out_swinunetr():
-    """SwinUNETR: channels and dtype of the shipped metadata, at a small patch (the shipped one is checked for
-    divisibility by 32, SwinUNETR's only constraint)."""
-    root = BUNDLES / "ln_ct_swinunetr"
-    shipped = ConfigParser.load_config_file(str(root / "configs" / "metadata.json"))
-    assert all(s % 32 == 0 for s in shipped["network_data_format"]["inputs"]["image"]["spatial_shape"])
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(root / "configs" / "metadata.json"),
-        config_file=str(root / "configs" / "inference.json"),
-        device="cpu",
-        **TINY_NETWORK["ln_ct_swinunetr"],
-        **{"_meta_#network_data_format#inputs#image#spatial_shape": list(PATCH["ln_ct_swinunetr"])},
-    )
+@pytest.mark.parametrize(("bundle", "preset"), [("ln_ct_dynunet", "paper"), ("ln_ct_swinunetr", "tiny")])
+def test_shipped_metadata_fits_the_network_as_the_zoo_ci_checks_it(bundle, preset):
+    """verify_net_in_out with the model zoo CI's defaults (n=1: the smallest shape the metadata allows) on the
+    shipped network; SwinUNETR at its tiny size, which downsamples by the same 32."""
+    _verify_net_like_the_zoo(BUNDLES / bundle, preset=preset)

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 from bundle_support import BUNDLES, TINY_NETWORK
+from helpers import free_port
 from monai.bundle import ConfigParser
 
+from dgst_monai.data.datalists import ct_normalization
+from dgst_monai.normalization import save_normalization
+
 ITERATIONS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_dgst_finetuning_keeps_ranks_identical(tiny_ct, tmp_path):
@@ -32,7 +29,10 @@ def test_torchrun_dgst_finetuning_keeps_ranks_identical(tiny_ct, tmp_path):
         parser[key] = value
     torch.manual_seed(0)
     foundation = parser.get_parsed_content("network_def").state_dict()
-    torch.save(foundation, tmp_path / "foundation.pt")
+    # as training leaves it: the weights and, beside them, the normalisation fine-tuning keeps
+    (tmp_path / "foundation").mkdir()
+    torch.save(foundation, tmp_path / "foundation" / "model.pt")
+    save_normalization(tmp_path / "foundation", ct_normalization(tiny_ct.hn))
     # test-only overlay: after training, every rank dumps its own (unwrapped) network
     dump = tmp_path / "dump_per_rank.json"
     save = "$torch.save(@local_network.state_dict(), @ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')"
@@ -40,7 +40,7 @@ def test_torchrun_dgst_finetuning_keeps_ranks_identical(tiny_ct, tmp_path):
     configs = [str(bundle / "configs" / f"{n}.json") for n in ("train", "cpu_small", "finetune", "multi_gpu_train")]
     overrides = {
         "datalist": tiny_ct.mediastinum,
-        "foundation_checkpoint": str(tmp_path / "foundation.pt"),
+        "foundation_checkpoint": str(tmp_path / "foundation" / "model.pt"),
         "ckpt_dir": str(tmp_path / "tuned"),
         "method": "dgst",
         "shots": 2,  # one case per rank
@@ -51,7 +51,7 @@ def test_torchrun_dgst_finetuning_keeps_ranks_identical(tiny_ct, tmp_path):
     }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         "-m", "monai.bundle", "run",
         "--config_file", json.dumps([*configs, str(dump)]),
         "--logging_file", str(bundle / "configs" / "logging.conf"),
