@@ -1,17 +1,36 @@
-"""The ``dgst-monai`` command (python-fire).
+"""The ``dgst-monai`` command (python-fire), with a check that refuses a mis-bound command line before it runs.
 
-``demo``, ``predict``, ``methods``, ``import-nnunet``, ``delta export|apply``, ``data synth|index|check|split``. Each command is a thin call
-into the library; heavy imports happen inside the command so ``dgst-monai --help`` stays fast.
+Commands: ``demo``, ``predict``, ``serve``, ``methods``, ``import-nnunet``, ``export``, ``delta export|apply`` and
+``data synth|index|check|split|cards|card``. Each is a thin call into the library; heavy imports happen inside the
+command so that ``dgst-monai --help`` stays fast. Every option is spelled out (``--output``, never ``-o``), and
+the only values that may go without an option name are a command's required arguments (``data check
+DATALIST``) and the scans of ``predict``.
+
+fire binds a value without an option name to the next parameter not yet given (``predict --input a.nii.gz
+b.nii.gz`` once set ``mirror='b.nii.gz'``), keeps only the last of a repeated option, reads ``--mirror false``
+as the string ``'false'`` (which is true), and reports an unknown option or a left-over value only after the
+command has run. :func:`check_command_line` applies fire's rules to the command line first and refuses all of
+these, naming the option to use.
+
+Example::
+
+    dgst-monai predict --bundle ln_ct_dynunet --checkpoint tuned/model.pt --input a.nii.gz b.nii.gz --output masks
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import fire
 
 from dgst_monai.data.commands import DataCommands
+
+__all__ = ["CommandLineError", "Commands", "check_command_line", "main"]
 
 
 class Data(DataCommands):
@@ -21,17 +40,17 @@ class Data(DataCommands):
 class Delta:
     """Sparse weight deltas: store only the entries a fine-tune changed."""
 
-    def export(self, base: str, tuned: str, o: str) -> str:
-        """Write the entries of ``tuned`` that differ from ``base`` (indices + exact values) to ``o``."""
+    def export(self, *, base: str, tuned: str, output: str) -> str:
+        """Write the entries of ``tuned`` that differ from ``base`` (indices + exact values) to ``output``."""
         from dgst_monai.delta import save_delta
 
-        return _report(save_delta(base, tuned, o).as_dict())
+        return _report(save_delta(str(base), str(tuned), str(output)).as_dict())
 
-    def apply(self, base: str, delta: str, o: str) -> str:
-        """Rebuild the fine-tuned weights, bit-identical, from ``base`` and ``delta`` into ``o``."""
+    def apply(self, *, base: str, delta: str, output: str) -> str:
+        """Rebuild the fine-tuned weights, bit-identical, from ``base`` and ``delta`` into ``output``."""
         from dgst_monai.delta import load_and_apply
 
-        return _report(load_and_apply(base, delta, o).as_dict())
+        return _report(load_and_apply(str(base), str(delta), str(output)).as_dict())
 
 
 def _report(stats: dict[str, Any]) -> str:
@@ -45,14 +64,16 @@ class Commands:
         self.data = Data()
         self.delta = Delta()
 
-    def demo(self, out: str | None = None, preset: str = "default", shots: int = 5, seed: int = 0) -> None:
+    def demo(self, *, output: str | None = None, preset: str = "default", shots: int = 5, seed: int = 0) -> None:
         """Synthesise CT, pre-train a small foundation model, fine-tune it (full vs DGST) on ``shots`` target
-        cases, evaluate both on held-out target cases and print DSC / NSD. About 10 minutes on a 2-core CPU."""
+        cases, evaluate both on held-out target cases and print DSC / NSD. About 10 minutes on a 2-core CPU
+        (``--preset tiny``: about a minute). Everything is written under ``--output`` (default
+        ``runs/demo-<time>``)."""
         from dgst_monai.demo import run_demo
 
-        run_demo(out=out, preset=preset, shots=shots, seed=seed)
+        run_demo(output=None if output is None else str(output), preset=preset, shots=shots, seed=seed)
 
-    def methods(self, network: str | None = None, steps: int | None = None, gamma: int = 1) -> str:
+    def methods(self, *, network: str | None = None, steps: int | None = None, gamma: int = 1) -> str:
         """List the fine-tuning methods (``--method`` of the finetune config).
 
         With ``--network NAME`` (dynunet, dynunet_resenc, swinunetr, swinunetr_v2, or a planner preset such as
@@ -69,25 +90,121 @@ class Commands:
 
     def predict(
         self,
+        *scans: str,
         bundle: str,
-        input: str | list[str],  # noqa: A002 - the command's --input
         output: str,
+        input: str | Sequence[str] | None = None,  # noqa: A002 - the command's --input
         checkpoint: str | None = None,
         mirror: bool = False,
         preset: str | None = None,
     ) -> str:
-        """Segment lymph nodes in CT scans (NIfTI / NRRD files, DICOM series folders) with a bundle's inference
-        config; writes ``<case>_lymph_nodes.nii.gz`` masks with each input's exact geometry into ``output``."""
+        """Segment lymph nodes in CT scans (NIfTI / NRRD files, DICOM series folders, folders of volumes) with a
+        bundle's inference config; writes ``<case>_lymph_nodes.nii.gz`` masks with each input's exact geometry
+        into ``--output``.
+
+        The scans follow ``--input`` (``--input a.nii.gz b.nii.gz``) or stand on their own
+        (``predict a.nii.gz b.nii.gz --bundle ...``). ``--bundle`` is a bundle folder or the name of a shipped
+        bundle (``ln_ct_dynunet``); ``--preset`` the network the checkpoint was trained with (``cpu-small``).
+        """
         from dgst_monai.predict import predict
+        from dgst_monai.resources import find_bundle
 
-        return "\n".join(predict(bundle, input, output, checkpoint=checkpoint, mirror=mirror, preset=preset))
+        given = [] if input is None else [input] if isinstance(input, (str, int, float)) else list(input)
+        sources = [str(s) for s in [*given, *scans]]
+        if not sources:
+            raise CommandLineError("predict: no scan given: --input a.nii.gz [b.nii.gz ...]")
+        masks = predict(
+            find_bundle(str(bundle)),
+            sources,
+            str(output),
+            checkpoint=None if checkpoint is None else str(checkpoint),
+            mirror=mirror,
+            preset=None if preset is None else str(preset),
+        )
+        return "\n".join(masks)
 
-    def import_nnunet(self, model_folder: str, o: str = "model.pt", fold: int | str = 0) -> str:
+    def import_nnunet(self, model_folder: str, *, output: str = "model.pt", fold: int | str = 0) -> str:
         """Convert an nnU-Net v2 model folder (plans.json, fold_*/checkpoint_final.pth) into an
-        ``ln_ct_dynunet`` checkpoint ``o`` plus the network override JSON written next to it."""
+        ``ln_ct_dynunet`` checkpoint ``--output`` plus the network override JSON written next to it."""
         from dgst_monai.networks.nnunet_import import export_nnunet
 
-        return str(export_nnunet(model_folder, o, fold=fold))
+        return str(export_nnunet(str(model_folder), str(output), fold=fold))
+
+    def export(
+        self,
+        *,
+        bundle: str,
+        checkpoint: str,
+        output: str,
+        preset: str | None = None,
+        evaluation: str | None = None,
+        version: str | None = None,
+        changelog: str | None = None,
+        weights_url: str | None = None,
+    ) -> str:
+        """Package a trained or fine-tuned checkpoint as a standalone model-zoo bundle zip ``--output``
+        (``<name>.zip``): configs with the network it was trained with, ``models/model.pt``, ``model.ts`` and
+        ``normalization.json``, a new version whose changelog names the method, shots and data (from the
+        ``training_record.json`` beside the checkpoint) and ``eval_metrics`` from ``--evaluation``
+        (``<ckpt_dir>/eval/summary.json``). It passes the model zoo's checks before it is written."""
+        from dgst_monai.export import export_bundle
+        from dgst_monai.resources import find_bundle
+
+        return str(
+            export_bundle(
+                find_bundle(str(bundle)),
+                str(checkpoint),
+                str(output),
+                preset=None if preset is None else str(preset),
+                evaluation=None if evaluation is None else str(evaluation),
+                version=None if version is None else str(version),
+                changelog=None if changelog is None else str(changelog),
+                weights_url=None if weights_url is None else str(weights_url),
+            )
+        )
+
+    def serve(
+        self,
+        *bundles: str,
+        bundle: str | Sequence[str] | None = None,
+        studies: str,
+        checkpoint: str | Sequence[str] | None = None,
+        preset: str | Sequence[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        app_dir: str | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        """Serve bundles with MONAI Label (3D Slicer, OHIF) on ``--studies``: ``/infer/<bundle>`` segments a
+        study or an upload, ``/train/<bundle>`` with ``{"method": "dgst", "shots": N}`` fine-tunes the
+        foundation on the studies with a submitted label, and the next inference uses the fine-tune.
+
+        Several bundles follow ``--bundle`` (``--bundle a b``) or come as a list (``--bundle "[a, b]"``); default
+        ``ln_ct_dynunet``. ``--checkpoint`` gives the foundation weights of each bundle in the same order (one
+        path, or a list), ``--preset`` the network they were trained with (one for all, or a list). Listens on
+        the loopback address unless ``--host`` says otherwise; the app folder (default ``<studies>_monailabel``)
+        keeps the fine-tunes. ``--dry_run`` lays out the app and prints the server's command line."""
+        from dgst_monai.resources import find_bundle
+        from dgst_monai.serve.launcher import serve
+
+        def listed(value: Any) -> list[str]:  # one value or a list; fire leaves "[a/b.pt, c/d.pt]" a string
+            if value is None:
+                return []
+            if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+                return [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
+            return [str(value)] if isinstance(value, (str, int, float)) else [str(v) for v in value]
+
+        names = [*listed(bundle), *bundles] or ["ln_ct_dynunet"]
+        serve(
+            [find_bundle(name) for name in names],
+            str(studies),
+            checkpoints=listed(checkpoint) or None,
+            presets=listed(preset) or None,
+            host=str(host),
+            port=int(port),
+            app_dir=None if app_dir is None else str(app_dir),
+            dry_run=dry_run,
+        )
 
 
 def _network(name: str) -> Any:
@@ -102,8 +219,111 @@ def _network(name: str) -> Any:
         raise ValueError(f"unknown network {name!r}: use one of {', '.join(NETWORKS)} or a planner preset") from None
 
 
-def main() -> None:
-    fire.Fire(Commands, name="dgst-monai")
+class CommandLineError(ValueError):
+    """A command line that fire would bind to a parameter the user did not name, or could not bind at all."""
+
+
+def check_command_line(root: Any, argv: Sequence[str]) -> None:
+    """Refuse a command line of ``root``'s commands before anything runs.
+
+    The command is found by walking ``root``'s members (``data index`` -> ``root.data.index``); its arguments are
+    then matched to its signature by fire 0.7's rules, and refused if a value would bind to a parameter that
+    has a default without being named, a value is left over, an option is unknown, given twice or abbreviated
+    (``-o``), or a switch (a parameter with a boolean default) gets a value other than ``True`` / ``False``.
+    Help (``--help``), fire's own flags (after ``--``) and chaining (``-``) are left to fire.
+
+    Args:
+        root: the object fire is given (``Commands()``).
+        argv: the arguments after the program name.
+
+    Raises:
+        CommandLineError: what is wrong and what to write instead.
+
+    Example:
+        >>> check_command_line(Commands(), ["demo", "tiny"])
+        Traceback (most recent call last):
+        ...
+        dgst_monai.cli.CommandLineError: demo: unexpected argument 'tiny'; options: --output, --preset, --shots, --seed
+    """
+    if any(arg in ("--", "-", "--help", "-h") for arg in argv):
+        return
+    component, path, tokens = root, [], list(argv)
+    while tokens and not inspect.isroutine(component):
+        name = tokens[0]
+        member = getattr(component, name.replace("-", "_"), None)
+        if name.startswith(("-", "_")) or member is None:
+            return  # fire reports an unknown command with the list of commands
+        component, path, tokens = member, [*path, name], tokens[1:]
+    if inspect.isroutine(component):
+        _check_arguments(" ".join(path), inspect.signature(component), tokens)
+
+
+def _is_flag(arg: str) -> bool:
+    """fire's test: ``--anything`` or a hyphen and a letter (``-1`` and ``-.5`` are values)."""
+    return arg.startswith("--") or re.match("^-[a-zA-Z]", arg) is not None
+
+
+def _check_arguments(command: str, signature: inspect.Signature, tokens: list[str]) -> None:
+    params = list(signature.parameters.values())
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    options = ", ".join(f"--{name}" for name in named) or "none"
+    takes_any_option = any(p.kind is p.VAR_KEYWORD for p in params)
+    given: set[str] = set()
+    values: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not _is_flag(token):
+            values.append(token)
+            continue
+        key, has_value, value = token.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        switch_syntax = not has_value and (i == len(tokens) or _is_flag(tokens[i]))
+        if switch_syntax and key not in named and key.startswith("no") and key[2:] in named:
+            key = key[2:]  # fire's --nomirror
+        if key not in named and not takes_any_option:
+            full = [name for name in named if name.startswith(key)] if len(key) == 1 else []
+            fix = f"write it out: --{full[0]}" if len(full) == 1 else f"options: {options}"
+            raise CommandLineError(f"{command}: unknown option {token.partition('=')[0]}; {fix}")
+        if key in given:
+            raise CommandLineError(f"{command}: --{key} given twice; give it once (several scans: --input a b)")
+        given.add(key)
+        switch = key in named and isinstance(named[key].default, bool)
+        if switch_syntax:
+            if key in named and not switch:
+                raise CommandLineError(f"{command}: --{key} needs a value")
+            continue
+        if not has_value:
+            value, i = tokens[i], i + 1
+        if switch and value not in ("True", "False"):
+            raise CommandLineError(
+                f"{command}: --{key} is a switch: write --{key} alone, or --{key}=True / --{key}=False (got {value!r})"
+            )
+    # fire fills the positional parameters that no option named, in order, with the unnamed values
+    for param in (p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in given):
+        if not values:
+            break
+        if param.default is not param.empty:
+            raise CommandLineError(
+                f"{command}: {values[0]!r} would be taken as --{param.name}; name it: --{param.name} {values[0]}"
+            )
+        values.pop(0)
+    if values and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        left = ", ".join(repr(v) for v in values)
+        raise CommandLineError(f"{command}: unexpected argument{'s' * (len(values) > 1)} {left}; options: {options}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run ``dgst-monai`` on ``argv`` (default ``sys.argv[1:]``); a refused command line exits with status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = Commands()
+    try:
+        check_command_line(commands, args)
+        fire.Fire(commands, command=args, name="dgst-monai")
+    except CommandLineError as err:
+        print(f"dgst-monai {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

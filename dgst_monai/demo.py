@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dgst_monai.data.datalists import synthetic_datalist
-
-BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
+from dgst_monai.resources import bundle_dir
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class DemoPreset:
 #: The demo's phantoms carry more and larger nodes than the defaults, and its patches are centred on a node
 #: half of the time (nnU-Net: a third), so that a few hundred CPU iterations learn something.
 _DEMO_TASK = {"node_short_axis_mm": (8.0, 20.0), "n_nodes": (8, 14)}
-_DEMO_SAMPLING = {"train#augmentation#1#pos": 1, "train#augmentation#1#neg": 1}
+_DEMO_SAMPLING = {"crop_pos": 1, "crop_neg": 1}
 
 PRESETS: dict[str, DemoPreset] = {
     "default": DemoPreset(
@@ -53,17 +52,9 @@ PRESETS: dict[str, DemoPreset] = {
         finetune_epochs=1,
         iterations_per_epoch=3,
         phantom_knobs={**_DEMO_TASK, "fov_mm": (80.0, 80.0, 40.0), "n_nodes": (3, 5)},
-        overrides={**_DEMO_SAMPLING, "patch_size": [32, 32, 16], "filters": [8, 16, 32, 64]},
+        overrides={**_DEMO_SAMPLING, "preset": "tiny"},
     ),
 }
-
-
-def bundle_dir(name: str = "ln_ct_dynunet") -> Path:
-    """Folder of a shipped bundle (source checkout layout)."""
-    path = BUNDLES / name
-    if not (path / "configs" / "train.json").is_file():
-        raise FileNotFoundError(f"bundle {name!r} not found at {path}")
-    return path
 
 
 def run_bundle(bundle: Path, configs: list[str], **overrides: Any) -> None:
@@ -79,7 +70,7 @@ def run_bundle(bundle: Path, configs: list[str], **overrides: Any) -> None:
 
 
 def run_demo(
-    out: str | Path | None = None,
+    output: str | Path | None = None,
     preset: str = "default",
     shots: int = 5,
     methods: tuple[str, ...] = ("full", "dgst"),
@@ -88,7 +79,7 @@ def run_demo(
     """Run the whole demo and return ``{row: summary}``; prints a DSC / NSD table and writes ``results.json``.
 
     Args:
-        out: run folder (default ``runs/demo-<timestamp>``); everything is written under it.
+        output: run folder (default ``runs/demo-<timestamp>``); everything is written under it.
         preset: ``default`` or ``tiny``.
         shots: annotated target-domain cases used for fine-tuning.
         methods: fine-tuning methods to compare (names of ``dgst_monai.METHODS``).
@@ -97,7 +88,7 @@ def run_demo(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    run_dir = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir = Path(output) if output else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     bundle = bundle_dir()
     started = time.time()

@@ -96,16 +96,6 @@ def mask_path(source: str | os.PathLike[str], output_dir: str | os.PathLike[str]
     return Path(output_dir) / f"{_subject(source)}_{postfix}{MASK_EXTENSION}"
 
 
-def _config_file(bundle: Path, name: str) -> str:
-    path = Path(name)
-    if path.suffix != ".json":
-        path = bundle / "configs" / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in (bundle / "configs").glob("*.json"))
-        raise FileNotFoundError(f"preset {name!r} not found as {path}; configs of {bundle.name}: {', '.join(known)}")
-    return str(path)
-
-
 def predict(
     bundle: str | os.PathLike[str],
     input: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],  # noqa: A002 - the CLI's --input
@@ -128,8 +118,8 @@ def predict(
         output: folder for the masks, ``<case id>_lymph_nodes.nii.gz`` (uint8, 1 = lymph node).
         checkpoint: model weights; default ``<bundle>/models/model.pt``.
         mirror: test-time mirroring (8 flips per window: about 8 times slower, usually slightly better).
-        preset: an overlay matching the network the checkpoint was trained with, by name (``cpu_small`` for
-            ``configs/cpu_small.json``) or path.
+        preset: the network preset the checkpoint was trained with (the bundle's ``preset`` key, e.g.
+            ``cpu-small``); default the bundle's own.
         **overrides: further config overrides, as ``--key value`` of ``monai.bundle run`` (e.g.
             ``patch_size=[64, 64, 32]``, ``output_postfix="ln"``).
 
@@ -137,14 +127,18 @@ def predict(
         The masks written, in the order of the inputs.
 
     Raises:
-        FileNotFoundError: missing bundle, checkpoint, preset or input.
+        FileNotFoundError: missing bundle, checkpoint or input.
+        TypeError: ``mirror`` is not a boolean.
         ValueError: two inputs would write the same mask file.
 
     Example::
 
-        predict("bundles/ln_ct_dynunet", ["ct/case1.nii.gz", "ct/dicom_series_2"], "masks", preset="cpu_small")
+        predict("bundles/ln_ct_dynunet", ["ct/case1.nii.gz", "ct/dicom_series_2"], "masks", preset="cpu-small")
     """
     from monai.bundle import ConfigWorkflow
+
+    if not isinstance(mirror, bool):  # a string such as 'false' would switch mirroring on
+        raise TypeError(f"mirror must be True or False, got {mirror!r}")
 
     root = Path(bundle).expanduser().resolve()
     inference = root / "configs" / "inference.json"
@@ -161,10 +155,11 @@ def predict(
         raise ValueError(
             f"several inputs would write the same mask file(s): {', '.join(clashes)}; segment them separately"
         )
-    configs = [str(inference)] + ([_config_file(root, preset)] if preset else [])
+    if preset is not None:
+        overrides["preset"] = preset
     out_dir.mkdir(parents=True, exist_ok=True)
     workflow = ConfigWorkflow(
-        config_file=configs,
+        config_file=str(inference),
         meta_file=str(root / "configs" / "metadata.json"),
         logging_file=str(root / "configs" / "logging.conf"),
         workflow_type="infer",
@@ -172,7 +167,7 @@ def predict(
         datalist=sources,
         output_dir=str(out_dir),
         checkpoint=str(weights),
-        mirror=bool(mirror),
+        mirror=mirror,
         **overrides,
     )
     workflow.initialize()

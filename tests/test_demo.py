@@ -14,7 +14,7 @@ from dgst_monai.demo import run_demo
 def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
     """Pre-train, fine-tune (full, dgst) and evaluate on synthetic CT; the table and files hold real figures."""
     started = time.time()
-    rows = run_demo(out=tmp_path, preset="tiny", shots=2)
+    rows = run_demo(output=tmp_path, preset="tiny", shots=2)
     elapsed = time.time() - started
 
     assert list(rows) == ["foundation (no fine-tuning)", "full (2-shot)", "dgst (2-shot)"]
@@ -26,9 +26,9 @@ def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
     with open(tmp_path / "finetune_dgst/eval/per_case_metrics.csv") as f:
         assert sorted(r["case_id"] for r in csv.DictReader(f)) == sorted(test_ids)
 
-    foundation = torch.load(tmp_path / "foundation/model.pt", map_location="cpu")
-    full = torch.load(tmp_path / "finetune_full/model.pt", map_location="cpu")
-    dgst = torch.load(tmp_path / "finetune_dgst/model.pt", map_location="cpu")
+    foundation = torch.load(tmp_path / "foundation/model.pt", map_location="cpu", weights_only=True)
+    full = torch.load(tmp_path / "finetune_full/model.pt", map_location="cpu", weights_only=True)
+    dgst = torch.load(tmp_path / "finetune_dgst/model.pt", map_location="cpu", weights_only=True)
     kernel = "downsamples.0.conv2.conv.weight"
     # full fine-tuning moves (nearly) every kernel entry; strict DGST at most one entry per output filter per step
     changed_full = (full[kernel] != foundation[kernel]).float().mean()

@@ -2,10 +2,10 @@
 
 Usage::
 
-    dgst-monai data synth --domain hn --n 20 --out DIR [--preview]
-    dgst-monai data index DIR --dataset segrap2023|lnq2023|radcure|nnunet -o datalist.json [--absolute]
+    dgst-monai data synth --domain hn --n 20 --output DIR [--preview]
+    dgst-monai data index DIR --dataset segrap2023|lnq2023|radcure|nnunet --output datalist.json [--absolute]
     dgst-monai data check datalist.json [--quick]
-    dgst-monai data split datalist.json --shots 3,5,10 --seeds 0,1,2 -o splits.json
+    dgst-monai data split datalist.json --shots 3,5,10 --seeds 0,1,2 --output splits.json
     dgst-monai data cards                 # list the dataset cards
     dgst-monai data card segrap2023       # print one card
 """
@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE
 
 __all__ = ["DataCommands"]
 
@@ -29,7 +31,7 @@ class DataCommands:
 
     def synth(
         self,
-        out: str,
+        output: str,
         domain: str = "hn",
         n: int = 20,
         seed: int = 0,
@@ -37,15 +39,15 @@ class DataCommands:
         preview: bool = False,
         **knobs: Any,
     ) -> str:
-        """Write ``n`` synthetic CT cases of ``domain`` (hn | mediastinum) and a MONAI datalist under ``out``.
+        """Write ``n`` synthetic CT cases of ``domain`` (hn | mediastinum) and a MONAI datalist under ``output``.
 
         Args:
-            out: output folder.
+            output: output folder.
             domain: 'hn' (head and neck) or 'mediastinum'.
             n: number of cases (training + test).
             seed: dataset seed.
             n_test: test cases (default 20 % of n).
-            preview: also write ``out/preview.png``: axial and coronal slices of the first training case with the
+            preview: also write ``output/preview.png``: axial and coronal slices of the first training case with the
                 LN label contoured.
             **knobs: phantom knobs, e.g. ``--fov_mm '[96,96,32]'`` (see ``dgst_monai.data.phantoms``).
 
@@ -54,7 +56,7 @@ class DataCommands:
         """
         from dgst_monai.data.phantoms import write_synthetic_dataset
 
-        datalist = Path(write_synthetic_dataset(out, domain=domain, n=n, seed=seed, n_test=n_test, **knobs))
+        datalist = Path(write_synthetic_dataset(output, domain=domain, n=n, seed=seed, n_test=n_test, **knobs))
         if not preview:
             return str(datalist)
         from dgst_monai.data.preview import case_montage
@@ -79,7 +81,7 @@ class DataCommands:
         label_suffix: str | None = None,
         mask_dir: str | None = None,
         mask_pattern: str | None = None,
-        samples_per_case: int = 10_000,
+        samples_per_case: int = DEFAULT_SAMPLES_PER_CASE,
         seed: int = 0,
     ) -> str:
         """Build a MONAI datalist (with ``intensity_properties``) from a download in ``folder``.
@@ -87,7 +89,7 @@ class DataCommands:
         Args:
             folder: the dataset folder.
             dataset: segrap2023 | lnq2023 | radcure | nnunet (layouts: ``dgst-monai data card <name>``).
-            output: datalist to write (``-o``).
+            output: datalist to write.
             absolute: absolute paths; default: relative to the datalist's folder.
             label_dir: labels in a separate tree mirroring the image layout.
             case_glob: segrap2023: case folders (default ``segrap_*``).
@@ -176,7 +178,7 @@ class DataCommands:
             datalist: MONAI datalist JSON.
             shots: k values, e.g. ``3,5,10`` (SegRap2023) or ``5,10,20`` (LNQ2023).
             seeds: few-shot seeds, e.g. ``0,1,2``.
-            output: splits JSON to write (``-o``); it is itself a datalist a bundle can use.
+            output: splits JSON to write; it is itself a datalist a bundle can use.
             test_fraction: test share when splitting (0.2 = the paper's 8:2).
             split_seed: seed of the train/test split.
             intensity: auto | train | copy: recompute the intensity statistics over the new training cases

@@ -2,8 +2,8 @@
 
 A card is a JSON object; :func:`load_manifest` reads one by name (``segrap2023``, ``lnq2023``, ``radcure``,
 ``synthetic``) or path and checks it with :func:`validate_manifest`, which names the file and the field of the
-first problem. The cards sit in ``data_manifests/`` at the top of the repository; set ``DGST_MONAI_MANIFESTS``
-to read them from elsewhere.
+first problem. The cards are the repository's ``data_manifests/``, shipped with the package (found as
+:func:`dgst_monai.resources.shipped_dir` says); set ``DGST_MONAI_MANIFESTS`` to read them from elsewhere.
 
 Example:
     >>> from dgst_monai.data.manifests import load_manifest
@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from dgst_monai.resources import shipped_dir
 
 __all__ = ["ManifestError", "list_manifests", "load_manifest", "manifest_dir", "validate_manifest"]
 
@@ -67,9 +69,9 @@ class ManifestError(ValueError):
 
 
 def manifest_dir() -> Path:
-    """The folder of the cards: ``$DGST_MONAI_MANIFESTS`` or ``data_manifests/`` beside the package."""
+    """The folder of the cards: ``$DGST_MONAI_MANIFESTS``, else the shipped ``data_manifests/``."""
     env = os.environ.get("DGST_MONAI_MANIFESTS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data_manifests"
+    return Path(env) if env else shipped_dir("data_manifests")
 
 
 def list_manifests() -> list[str]:
