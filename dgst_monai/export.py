@@ -41,11 +41,14 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dgst_monai.files import atomic_open, atomic_torch_save, atomic_write, atomic_write_json
+from dgst_monai.files import atomic_open, atomic_torch_save, atomic_write, atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigWorkflow
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -53,10 +56,12 @@ __all__ = [
     "REQUIRED_FILES",
     "REQUIRED_METADATA",
     "BundleCheckError",
+    "bundle_workflow",
     "export_bundle",
     "load_training_record",
     "save_training_record",
     "verify_bundle",
+    "verify_network",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,10 +172,7 @@ def load_training_record(checkpoint: str | os.PathLike[str]) -> dict[str, Any] |
     path = (ckpt if ckpt.is_dir() else ckpt.parent) / RECORD_FILE
     if not path.is_file():
         return None
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    content = read_json(path, "training record")
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a JSON object (the record save_training_record writes)")
     return content
@@ -222,18 +224,71 @@ def _metadata_problems(metadata: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _workflow(folder: Path, config: str, workflow_type: str, overrides: Mapping[str, Any]) -> Any:
+def bundle_workflow(
+    folder: str | os.PathLike[str], configs: str | Sequence[str], workflow_type: str, **overrides: Any
+) -> ConfigWorkflow:
+    """A MONAI ``ConfigWorkflow`` over ``configs/<name>.json`` of a bundle folder (the repository's, a copy, an
+    unzipped export), with its ``metadata.json``, its ``logging.conf`` if it has one, and ``bundle_root`` set to
+    the folder.
+
+    Args:
+        folder: the bundle folder.
+        configs: config name(s) without ``.json``, merged in order (``["train", "finetune"]``).
+        workflow_type: ``"train"``, ``"infer"`` or ``"eval"``.
+        **overrides: config overrides, e.g. ``datalist=...``.
+
+    Returns:
+        The workflow, not yet initialised.
+
+    Example::
+
+        workflow = bundle_workflow("bundles/ln_ct_dynunet", ["train", "finetune"], "train", shots=2)
+        workflow.initialize()
+    """
     from monai.bundle import ConfigWorkflow
 
-    logging_file = folder / "configs" / "logging.conf"
+    root = Path(folder)
+    names = [configs] if isinstance(configs, str) else list(configs)
+    logging_file = root / "configs" / "logging.conf"
     return ConfigWorkflow(
-        config_file=str(folder / "configs" / f"{config}.json"),
-        meta_file=str(folder / "configs" / "metadata.json"),
+        config_file=[str(root / "configs" / f"{name}.json") for name in names],
+        meta_file=str(root / "configs" / "metadata.json"),
         logging_file=str(logging_file) if logging_file.is_file() else None,
         workflow_type=workflow_type,
-        bundle_root=str(folder),
+        bundle_root=str(root),
         **overrides,
     )
+
+
+def verify_network(folder: str | os.PathLike[str], **overrides: Any) -> None:
+    """``monai.bundle.verify_net_in_out`` as the model zoo's CI runs it: ``network_def`` of
+    ``configs/inference.json`` on CPU, fed the smallest input ``metadata.json``'s ``network_data_format`` allows.
+
+    Args:
+        folder: the bundle folder.
+        **overrides: config overrides, e.g. ``preset="tiny"``.
+
+    Raises:
+        BundleCheckError: the network's output does not match the metadata.
+
+    Example::
+
+        verify_network("bundles/ln_ct_dynunet", preset="tiny")
+    """
+    from monai.bundle import verify_net_in_out
+
+    root = Path(folder)
+    try:
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(root / "configs" / "metadata.json"),
+            config_file=str(root / "configs" / "inference.json"),
+            bundle_root=str(root),
+            device="cpu",
+            **overrides,
+        )
+    except ValueError as err:
+        raise BundleCheckError(f"{root}: network_def does not match metadata.json network_data_format: {err}") from err
 
 
 def verify_bundle(folder: str | os.PathLike[str], train_overrides: Mapping[str, Any] | None = None) -> None:
@@ -262,7 +317,7 @@ def verify_bundle(folder: str | os.PathLike[str], train_overrides: Mapping[str, 
         verify_bundle("unzipped/ln_ct_dynunet_site")
     """
     import torch
-    from monai.bundle import ConfigParser, verify_net_in_out
+    from monai.bundle import ConfigParser
 
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
@@ -273,21 +328,12 @@ def verify_bundle(folder: str | os.PathLike[str], train_overrides: Mapping[str, 
     if problems:
         raise BundleCheckError(f"{root} fails the model zoo's checks:\n  " + "\n  ".join(problems))
     for config, workflow_type, overrides in (("train", "train", train_overrides or {}), ("inference", "infer", {})):
-        workflow = _workflow(root, config, workflow_type, overrides)
+        workflow = bundle_workflow(root, config, workflow_type, **overrides)
         workflow.initialize()
         missing = workflow.check_properties()
         if missing:
             raise BundleCheckError(f"{root}/configs/{config}.json lacks the {workflow_type} properties {missing}")
-    try:
-        verify_net_in_out(
-            net_id="network_def",
-            meta_file=str(root / "configs" / "metadata.json"),
-            config_file=str(root / "configs" / "inference.json"),
-            bundle_root=str(root),
-            device="cpu",
-        )
-    except ValueError as err:
-        raise BundleCheckError(f"{root}: network_def does not match metadata.json network_data_format: {err}") from err
+    verify_network(root)
     if (root / "models" / "model.ts").is_file():
         torch.jit.load(str(root / "models" / "model.ts"), map_location="cpu")
 
@@ -369,6 +415,11 @@ def _with_plan(config: Mapping[str, Any], plan: Mapping[str, Any], others: str =
     old = out.get("plan")
     out["plan"] = dict(plan)
     inputs = re.findall(r"@([A-Za-z_][\w#]*)", old) if isinstance(old, str) else []
+    params = out.get("experiment_param")
+    if isinstance(params, dict):  # tracking keeps recording what the plan was made from, as a literal
+        out["experiment_param"] = {
+            k: (out[v[1:]] if isinstance(v, str) and v[1:] in inputs and v[1:] in out else v) for k, v in params.items()
+        }
     text = json.dumps(out) + others
     for name in inputs:
         if name in out and not re.search(rf"@{re.escape(name)}(?![\w#])", text):
@@ -383,10 +434,7 @@ def _read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"evaluation summary {file} does not exist (configs/evaluate.json writes <ckpt_dir>/eval/summary.json)"
         )
-    try:
-        summary = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"evaluation summary {file} is not valid JSON: {err}") from None
+    summary = read_json(file, "evaluation summary")
     metrics = {k: v for k, v in summary.items() if isinstance(v, Mapping)} if isinstance(summary, dict) else {}
     n_cases = summary.get("n_cases") if isinstance(summary, dict) else None
     if not metrics or not isinstance(n_cases, int) or n_cases < 1:
@@ -559,7 +607,6 @@ def _is_preset_overlay(path: Path) -> bool:
 def _inference_network(stage: Path) -> Any:
     """The inference config's ``network`` of the staged bundle, on the CPU, with its checkpoint loaded
     strictly."""
-    import torch
     from monai.bundle import ConfigParser
 
     from dgst_monai.networks.checkpoints import checkpoint_state

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from helpers import bundle_workflow, run_checked
 from monai.bundle import ConfigWorkflow
 
 BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
@@ -30,30 +31,11 @@ TINY_RUN: dict[str, Any] = {
 }
 
 
-def configs(bundle: str, *names: str) -> list[str]:
-    """Paths of ``configs/<name>.json`` of a bundle, in order."""
-    return [str(BUNDLES / bundle / "configs" / f"{n}.json") for n in names]
-
-
 def make_workflow(bundle: str, names: list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:
-    """A MONAI ``ConfigWorkflow`` over ``names`` of ``bundle`` with the bundle's metadata and logging config."""
-    root = BUNDLES / bundle
-    return ConfigWorkflow(
-        config_file=configs(bundle, *names),
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(root),
-        **overrides,
-    )
+    """A MONAI ``ConfigWorkflow`` over ``names`` of the repository's ``bundle`` (:func:`helpers.bundle_workflow`)."""
+    return bundle_workflow(BUNDLES / bundle, names, workflow_type, **overrides)
 
 
 def run_like_model_zoo(bundle: str, names: list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:
     """What the model-zoo CI does with a workflow: initialize, check_properties (none missing), run, finalize."""
-    workflow = make_workflow(bundle, names, workflow_type, **overrides)
-    workflow.initialize()
-    missing = workflow.check_properties()
-    assert not missing, f"{bundle} {names}: missing or mis-referenced properties {missing}"
-    workflow.run()
-    workflow.finalize()
-    return workflow
+    return run_checked(make_workflow(bundle, names, workflow_type, **overrides))

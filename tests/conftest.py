@@ -8,13 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from monai.data import DataLoader
+from helpers import build_tiny_dynunet, cpu_trainer, make_loss, snapshot
 from monai.engines import SupervisedTrainer
-from monai.losses import DiceCELoss
 from monai.networks.nets import DynUNet
 from torch import nn
-
-from dgst_monai.losses import StackedDeepSupervisionLoss
 
 #: Prefixes of the tiny DynUNet's children, written out here so the tests do not reuse the library's layout.
 ENCODER_PREFIXES = ("input_block.", "downsamples.", "bottleneck.")
@@ -29,24 +26,6 @@ def fixed_seed() -> None:
     """Every test starts from the same torch seed and a single thread (the machine's 2 cores are shared)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
-
-
-def build_tiny_dynunet(filters=(4, 8, 16, 32), trans_bias: bool = False, **kwargs) -> DynUNet:
-    """A 4-level DynUNet with affine instance norm and one deep-supervision head (nnU-Net-style)."""
-    return DynUNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=2,
-        kernel_size=[3, 3, 3, 3],
-        strides=[1, 2, 2, 2],
-        upsample_kernel_size=[2, 2, 2],
-        filters=list(filters),
-        norm_name=("INSTANCE", {"affine": True}),
-        deep_supervision=True,
-        deep_supr_num=1,
-        trans_bias=trans_bias,
-        **kwargs,
-    )
 
 
 @pytest.fixture
@@ -68,24 +47,10 @@ def batch_factory() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return random_batch
 
 
-def make_loss() -> nn.Module:
-    """The fine-tuning loss: Dice + CE on every deep-supervision head."""
-    return StackedDeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
-
-
 @pytest.fixture
 def loss_factory() -> Callable[[], nn.Module]:
     """Factory of the deep-supervision Dice-CE loss."""
     return make_loss
-
-
-def make_loader(n: int = 2, size: int = PATCH, batch_size: int = 1, dtype=torch.float32) -> DataLoader:
-    """A MONAI DataLoader over a list of ``n`` dicts of random single-channel patches (no shuffling)."""
-    items = []
-    for _ in range(n):
-        image, label = random_batch(1, size, dtype)
-        items.append({"image": image[0], "label": label[0]})
-    return DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
 def make_trainer(
@@ -98,26 +63,17 @@ def make_trainer(
     **kwargs,
 ) -> SupervisedTrainer:
     """A real ``SupervisedTrainer`` on ``iterations`` random patches per epoch, batch 1, CPU."""
-    return SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=max_epochs,
-        train_data_loader=make_loader(iterations, dtype=dtype),
-        network=network,
-        optimizer=optimizer,
-        loss_function=make_loss(),
-        **kwargs,
-    )
+    items = []
+    for _ in range(iterations):
+        image, label = random_batch(1, PATCH, dtype)
+        items.append({"image": image[0], "label": label[0]})
+    return cpu_trainer(network, optimizer, items, max_epochs=max_epochs, **kwargs)
 
 
 @pytest.fixture
 def trainer_factory() -> Callable[..., SupervisedTrainer]:
     """Factory of MONAI ``SupervisedTrainer``s on tiny random data."""
     return make_trainer
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of every parameter, by ``named_parameters()`` name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.fixture

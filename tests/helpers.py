@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: the tiny deep-supervised DynUNet, the fine-tuning loss, SGD and a free port.
+"""Helpers shared by the tests: tiny DynUNets, the loss, SGD, fixed patches, CPU trainers, bundle checks, ports.
 
 Imported by the test modules (``from helpers import ...``; pytest puts ``tests/`` on the path) and by
-``conftest.py``'s fixtures, so that each of these is written once.
+``conftest.py``'s fixtures, so that each of these is written once. Bundle workflows are built with the
+library's own :func:`dgst_monai.export.bundle_workflow` (re-exported here) and checked as the model zoo does
+(:func:`checked`, :func:`run_checked`).
 
 Example::
 
@@ -21,13 +23,37 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.handlers import CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.networks.nets import DynUNet
 from torch import nn
 
+from dgst_monai.export import bundle_workflow
 from dgst_monai.losses import StackedDeepSupervisionLoss
+from dgst_monai.networks.adapters import MergedView
+from dgst_monai.networks.inference import drop_deep_supervision_heads_on_load
 
-__all__ = ["build_tiny_dynunet", "bundle_workflow", "decay_sgd", "free_port", "make_loss", "nnunet_sgd"]
+__all__ = [
+    "build_tiny_dynunet",
+    "build_tiny_inference_dynunet",
+    "bundle_workflow",
+    "changed_by_plain_steps",
+    "changed_names",
+    "checked",
+    "cpu_trainer",
+    "decay_sgd",
+    "error_chain",
+    "fixed_data_trainer",
+    "free_port",
+    "make_loss",
+    "nnunet_sgd",
+    "patches",
+    "run_checked",
+    "run_saving_merged",
+    "snapshot",
+]
 
 Params = nn.Module | Iterable[torch.Tensor]
 
@@ -72,6 +98,21 @@ def build_tiny_dynunet(
     )
 
 
+def build_tiny_inference_dynunet(**kwargs: Any) -> DynUNet:
+    """The tiny DynUNet without deep supervision (the inference / export network: TorchScript scripts only that),
+    which loads the deep-supervised twin's checkpoint strictly once the extra head is dropped.
+
+    Args:
+        **kwargs: :func:`build_tiny_dynunet` arguments (``res_block``, ``norm_name``, ...).
+
+    Example::
+
+        plain = build_tiny_inference_dynunet(res_block=True)
+        plain.load_state_dict(build_tiny_dynunet(res_block=True).state_dict(), strict=True)
+    """
+    return drop_deep_supervision_heads_on_load(build_tiny_dynunet(deep_supervision=False, **kwargs))
+
+
 def make_loss() -> nn.Module:
     """The fine-tuning loss: Dice + cross-entropy on every deep-supervision head (and on eval-mode output)."""
     return StackedDeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True))
@@ -102,6 +143,161 @@ def decay_sgd(params: Params, lr: float = 0.05) -> torch.optim.SGD:
     return torch.optim.SGD(_parameters(params), lr=lr, momentum=0.9, weight_decay=1e-3)
 
 
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of every parameter, by ``named_parameters()`` name.
+
+    Example::
+
+        before = snapshot(net)
+    """
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_names(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """The names whose tensors differ (in any entry) between two snapshots.
+
+    Example::
+
+        assert changed_names(before, snapshot(net)) == {"output_block.conv.conv.weight"}
+    """
+    return {n for n in before if not torch.equal(before[n], after[n])}
+
+
+def changed_by_plain_steps(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> set[str]:
+    """Train ``net`` in a plain loop, one step of :func:`decay_sgd` over *all* its parameters and :func:`make_loss`
+    per ``(image, label)`` batch, and return the names of the parameters that changed.
+
+    The optimizer holds the frozen parameters too, so one that stays put was frozen by the method under test.
+
+    Example::
+
+        assert changed_by_plain_steps(net, [(image, label)] * 2) == {"output_block.conv.conv.weight"}
+    """
+    optimizer, loss_fn = decay_sgd(net), make_loss()
+    before = snapshot(net)
+    for image, label in batches:
+        optimizer.zero_grad()
+        loss_fn(net(image), label).backward()
+        optimizer.step()
+    return changed_names(before, snapshot(net))
+
+
+def patches(n: int, *, seed: int = 11, size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """``n`` fixed (image, label) patches of ``size``^3 voxels from their own generator: the same at every call
+    with the same ``seed``, whatever the global torch seed.
+
+    Example::
+
+        data = patches(2, seed=1000 + rank)  # a different stream per DDP rank
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, size, size, size)
+    return [
+        {"image": torch.randn(shape, generator=gen), "label": (torch.rand(shape, generator=gen) > 0.7).float()}
+        for _ in range(n)
+    ]
+
+
+def cpu_trainer(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: list[dict[str, torch.Tensor]],
+    *,
+    max_epochs: int = 1,
+    loss_function: nn.Module | None = None,
+    **kwargs: Any,
+) -> SupervisedTrainer:
+    """A real MONAI ``SupervisedTrainer`` on CPU over ``data`` in order (batch 1, no shuffling, no workers).
+
+    Args:
+        network: the network (or its DDP wrapper).
+        optimizer: over the network's parameters.
+        data: dicts of ``image`` and ``label`` (channel first, no batch dimension).
+        max_epochs: epochs; each has ``len(data)`` iterations.
+        loss_function: by default :func:`make_loss`.
+        **kwargs: further ``SupervisedTrainer`` arguments (``accumulation_steps``, ...).
+
+    Example::
+
+        trainer = cpu_trainer(net, nnunet_sgd(net), patches(2), max_epochs=2)
+        trainer.run()
+    """
+    return SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        train_data_loader=DataLoader(data, batch_size=1, shuffle=False, num_workers=0),
+        network=network,
+        optimizer=optimizer,
+        loss_function=make_loss() if loss_function is None else loss_function,
+        **kwargs,
+    )
+
+
+def run_saving_merged(trainer: SupervisedTrainer, net: nn.Module, folder: Path) -> Path:
+    """Run ``trainer`` with a ``CheckpointSaver`` of ``MergedView(net)`` writing ``folder/model.pt`` at the end,
+    as the bundles' fine-tuning config saves an injected or wrapped network; the checkpoint's path.
+
+    Example::
+
+        state = torch.load(run_saving_merged(trainer, net, tmp_path), weights_only=True)
+    """
+    saver = CheckpointSaver(str(folder), {"model": MergedView(net)}, save_final=True, final_filename="model.pt")
+    saver.attach(trainer)
+    trainer.run()
+    return Path(folder) / "model.pt"
+
+
+def fixed_data_trainer(net: nn.Module, loss: nn.Module, data: list[dict], max_epochs: int) -> SupervisedTrainer:
+    """A :func:`cpu_trainer` over ``data`` with nnU-Net's SGD at lr 0.01.
+
+    Example::
+
+        trainer = fixed_data_trainer(net, make_loss(), patches(2), max_epochs=3)
+    """
+    return cpu_trainer(net, nnunet_sgd(net, lr=0.01), data, max_epochs=max_epochs, loss_function=loss)
+
+
+def checked(workflow: ConfigWorkflow) -> ConfigWorkflow:
+    """``workflow`` initialised, and asserted to have every property ``check_properties()`` looks for (the model
+    zoo's check).
+
+    Example::
+
+        checked(bundle_workflow(root, ["inference"], "infer")).run()
+    """
+    workflow.initialize()
+    missing = workflow.check_properties()
+    where = f"{workflow.parser.get('bundle_root')} ({workflow.workflow_type})"
+    assert not missing, f"{where}: missing or mis-referenced properties {missing}"
+    return workflow
+
+
+def run_checked(workflow: ConfigWorkflow) -> ConfigWorkflow:
+    """What the model zoo's CI does with a workflow: :func:`checked`, then run and finalize.
+
+    Example::
+
+        run_checked(bundle_workflow(root, ["train"], "train", datalist="datalist.json"))
+    """
+    checked(workflow).run()
+    workflow.finalize()
+    return workflow
+
+
+def error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it was raised from (``__cause__``), outermost first: what a bundle workflow's
+    wrapped failure is really about is at the end.
+
+    Example::
+
+        assert "no input scan given" in str(error_chain(failure.value)[-1])
+    """
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for a torch.distributed rendezvous).
 
@@ -112,22 +308,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def bundle_workflow(root: Path, configs: list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:
-    """A MONAI ``ConfigWorkflow`` over ``configs/<name>.json`` of the bundle folder ``root`` (wherever it lies:
-    the repository's, a copy, an unzipped export), with its metadata and logging config.
-
-    Example::
-
-        workflow = bundle_workflow(tmp_path / "ln_ct_dynunet", ["train", "finetune"], "train", shots=2)
-        workflow.initialize()
-    """
-    return ConfigWorkflow(
-        config_file=[str(root / "configs" / f"{c}.json") for c in configs],
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(root),
-        **overrides,
-    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from helpers import decay_sgd
 from monai.networks.nets import DynUNet
 from torch import nn
 
@@ -129,7 +129,7 @@ def test_strict_dgst_stays_within_the_bound(tiny_dynunet, trainer_factory):
     steps = 3
     net = tiny_dynunet()
     base = {k: v.clone() for k, v in net.state_dict().items()}
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    optimizer = decay_sgd(net)
     trainer = trainer_factory(net, optimizer, iterations=steps)
     DGSTHandler(method="dgst", gamma=1, update="strict").attach(trainer)
     trainer.run()

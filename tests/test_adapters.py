@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import decay_sgd as _sgd
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from helpers import build_tiny_inference_dynunet, changed_by_plain_steps, decay_sgd, run_saving_merged
+from monai.handlers import CheckpointLoader
 from monai.networks.nets import DynUNet
 from torch import nn
 
 from dgst_monai import DGSTHandler, apply_method, get_method
 from dgst_monai.networks import NNUNetDynUNet, for_checkpoint
-from dgst_monai.networks.inference import drop_deep_supervision_heads_on_load
 from dgst_monai.networks.adapters import (
     Adapter,
     LoRAConv,
-    MergedView,
     inject_adapters,
     inject_lora,
     injected_layers,
@@ -142,23 +140,15 @@ def test_adapter_is_not_mergeable_into_a_convolution(tiny_dynunet):
 
 @pytest.mark.parametrize("method", INJECTED)
 def test_plain_loop_changes_only_injected_modules_and_heads(
-    method, tiny_dynunet, batch_factory, loss_factory, take_snapshot
+    method, tiny_dynunet, batch_factory
 ):
     """apply_method + SGD(momentum, weight decay) for 2 steps: exactly the LoRA/adapter weights and heads move."""
     net = tiny_dynunet(res_block=True)
     assert apply_method(net, method) is net
     expected = _expected_trainable(net, method)
     assert {n for n, p in net.named_parameters() if p.requires_grad} == expected
-    optimizer = _sgd(net)  # over all parameters: the frozen foundation weights must stay put anyway
-    loss_fn = loss_factory()
-    before = take_snapshot(net)
-    for _ in range(2):
-        image, label = batch_factory(1)
-        optimizer.zero_grad()
-        loss_fn(net(image), label).backward()
-        optimizer.step()
-    after = take_snapshot(net)
-    assert {n for n in before if not torch.equal(before[n], after[n])} == expected
+    # the optimizer holds all parameters: the frozen foundation weights must stay put anyway
+    assert changed_by_plain_steps(net, [batch_factory(1) for _ in range(2)]) == expected
 
 
 @pytest.mark.parametrize("method", INJECTED)
@@ -173,7 +163,7 @@ def test_bundle_wiring_loads_the_foundation_then_trains(method, tiny_dynunet, tr
     torch.save(foundation.state_dict(), path)  # raw state dict, as CheckpointSaver writes a single object
 
     net = apply_method(tiny_dynunet(), method)  # a different random init: only the checkpoint makes it equal
-    trainer = trainer_factory(net, _sgd(net), iterations=2)
+    trainer = trainer_factory(net, decay_sgd(net), iterations=2)
     CheckpointLoader(load_path=str(path), load_dict={"model": net}).attach(trainer)
     DGSTHandler(method=method).attach(trainer)
     trainer.run()
@@ -203,7 +193,7 @@ def test_injected_method_on_a_plain_network_is_refused(tiny_dynunet, trainer_fac
     net = tiny_dynunet()
     with pytest.raises(ValueError, match="apply_method"):
         get_method("lora").trainable(net)
-    trainer = trainer_factory(net, _sgd(net), iterations=1)
+    trainer = trainer_factory(net, decay_sgd(net), iterations=1)
     DGSTHandler(method="adapter").attach(trainer)
     with pytest.raises(ValueError, match="apply_method"):
         trainer.run()
@@ -265,12 +255,8 @@ def test_merged_view_saves_a_plain_checkpoint(tiny_dynunet, trainer_factory, tmp
     net = tiny_dynunet()
     keys = list(net.state_dict())
     apply_method(net, "lora")
-    trainer = trainer_factory(net, _sgd(net), iterations=1)
-    CheckpointSaver(str(tmp_path), {"model": MergedView(net)}, save_final=True, final_filename="model.pt").attach(
-        trainer
-    )
-    trainer.run()
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    trainer = trainer_factory(net, decay_sgd(net), iterations=1)
+    state = torch.load(run_saving_merged(trainer, net, tmp_path), weights_only=True)
     assert list(state) == keys
     fresh = tiny_dynunet().eval()
     fresh.load_state_dict(state, strict=True)
@@ -288,26 +274,16 @@ def test_adapter_checkpoint_rebuilds_in_a_plain_network(res_block, tiny_dynunet,
     into a freshly built plain DynUNet and into the inference network without deep supervision, and TorchScript
     keeps the adapters: all give the fine-tuned network's output exactly."""
     net = apply_method(tiny_dynunet(res_block=res_block), "adapter")
-    trainer = trainer_factory(net, _sgd(net), iterations=2)
+    trainer = trainer_factory(net, decay_sgd(net), iterations=2)
     DGSTHandler(method="adapter").attach(trainer)
-    CheckpointSaver(str(tmp_path), {"model": MergedView(net)}, save_final=True, final_filename="model.pt").attach(
-        trainer
-    )
-    trainer.run()
-    path = tmp_path / "model.pt"
+    path = run_saving_merged(trainer, net, tmp_path)
     state = torch.load(path, weights_only=True)
     assert any(v.any() for k, v in state.items() if k.endswith(".adapter.up.weight"))  # trained, so non-trivial
 
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         expected = net.eval()(x)
-    inference = drop_deep_supervision_heads_on_load(
-        DynUNet(
-            spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
-            upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 32], norm_name=("INSTANCE", {"affine": True}),
-            res_block=res_block,
-        )
-    )  # the tiny DynUNet without deep supervision: TorchScript scripts only that
+    inference = build_tiny_inference_dynunet(res_block=res_block)  # TorchScript scripts only this form
     for plain in (tiny_dynunet(res_block=res_block), inference):
         rebuilt = for_checkpoint(plain, path)
         assert rebuilt is plain and set(injected_layers(rebuilt)) == {f"{s}.adapter" for s in ADAPTER_SITES}

@@ -8,32 +8,10 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-from monai.bundle import ConfigWorkflow, verify_net_in_out
-
 from bundle_support import BUNDLE_NAMES, BUNDLES, TINY_NETWORK, TINY_RUN
+from helpers import bundle_workflow, checked, error_chain
 
-
-def _workflow(root: Path, configs: list[str], workflow_type: str, **overrides) -> ConfigWorkflow:
-    return ConfigWorkflow(
-        config_file=[str(root / "configs" / f"{c}.json") for c in configs],
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(root),
-        **overrides,
-    )
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def _checked(workflow: ConfigWorkflow) -> ConfigWorkflow:
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    return workflow
+from dgst_monai.export import verify_network
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
@@ -45,17 +23,17 @@ def test_bundle_copied_alone_initialises_trains_infers_and_verifies(bundle, tiny
     net = TINY_NETWORK[bundle]
 
     # the model zoo and MONAI Label parse the inference config before any input or weights exist
-    infer = _checked(_workflow(root, ["inference"], "infer"))
+    infer = checked(bundle_workflow(root, ["inference"], "infer"))
     with pytest.raises(Exception) as failure:
         infer.run()
-    assert "no input scan given" in str(_root_cause(failure.value))
+    assert "no input scan given" in str(error_chain(failure.value)[-1])
 
-    _checked(_workflow(root, ["train"], "train", datalist=tiny_ct.hn, **net, **TINY_RUN)).run()
+    checked(bundle_workflow(root, ["train"], "train", datalist=tiny_ct.hn, **net, **TINY_RUN)).run()
     assert (root / "models" / "model.pt").is_file() and (root / "models" / "normalization.json").is_file()
 
     image = Path(tiny_ct.mediastinum).parent / "imagesTs" / "mediastinum_0002.nii.gz"
     masks = tmp_path / "masks"
-    _checked(_workflow(root, ["inference"], "infer", datalist=[str(image)], output_dir=str(masks), **net)).run()
+    checked(bundle_workflow(root, ["inference"], "infer", datalist=[str(image)], output_dir=str(masks), **net)).run()
     mask, source = sitk.ReadImage(str(masks / "mediastinum_0002_lymph_nodes.nii.gz")), sitk.ReadImage(str(image))
     assert (mask.GetSize(), mask.GetSpacing(), mask.GetOrigin()) == (
         source.GetSize(),
@@ -64,10 +42,4 @@ def test_bundle_copied_alone_initialises_trains_infers_and_verifies(bundle, tiny
     )
     assert mask.GetPixelID() == sitk.sitkUInt8
 
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(root / "configs" / "metadata.json"),
-        config_file=str(root / "configs" / "inference.json"),
-        device="cpu",
-        **net,
-    )
+    verify_network(root, **net)

@@ -14,6 +14,8 @@ import torch
 from ignite.engine import Events
 
 from bundle_support import BUNDLE_NAMES, BUNDLES, TINY_NETWORK, TINY_RUN, make_workflow, run_like_model_zoo
+from helpers import error_chain
+
 from dgst_monai.bundle_variants import SOURCE_BUNDLE, VARIANTS, write_variant
 
 #: Keys the model zoo and MONAI Label read, per config they must be found in.
@@ -219,7 +221,4 @@ def test_training_resumes_from_the_latest_full_state(tiny_ct, tmp_path):
     empty.initialize()
     with pytest.raises(Exception) as failure:
         empty.run()
-    chain = [failure.value]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    assert any(isinstance(e, FileNotFoundError) and "no training state" in str(e) for e in chain)
+    assert any(isinstance(e, FileNotFoundError) and "no training state" in str(e) for e in error_chain(failure.value))

@@ -11,9 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ignite.engine import Events
-from helpers import build_tiny_dynunet, free_port, make_loss, nnunet_sgd
-from monai.data import DataLoader
-from monai.engines import SupervisedTrainer
+from helpers import build_tiny_dynunet, cpu_trainer, free_port, make_loss, nnunet_sgd, patches, snapshot
 from torch.nn.parallel import DistributedDataParallel
 
 from dgst_monai import DGSTHandler, apply_method
@@ -21,18 +19,10 @@ from dgst_monai.sparsity import GradientSelector, SparseUpdate
 
 WORLD_SIZE = 2
 ITERATIONS = 3
-SIZE = 16
 
 
 def _rank_data(rank: int, n: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1000 + rank)  # every rank sees different patches
-    return [
-        {
-            "image": torch.randn(1, SIZE, SIZE, SIZE, generator=gen),
-            "label": (torch.rand(1, SIZE, SIZE, SIZE, generator=gen) > 0.7).float(),
-        }
-        for _ in range(n)
-    ]
+    return patches(n, seed=1000 + rank)  # every rank sees different patches
 
 
 def _core_loop(rank: int) -> dict:
@@ -58,7 +48,7 @@ def _core_loop(rank: int) -> dict:
         "masks": masks,
         "losses": losses,
         "sparse": list(selector.sparse),
-        "weights": {n: p.detach().clone() for n, p in ddp.module.named_parameters()},
+        "weights": snapshot(ddp.module),
     }
 
 
@@ -66,22 +56,10 @@ def _handler_run(rank: int) -> dict:
     """DGSTHandler(dgst, gamma 2, strict) on a SupervisedTrainer driving the DDP network; weights per iteration."""
     torch.manual_seed(rank)
     ddp = DistributedDataParallel(apply_method(build_tiny_dynunet(), "dgst"))
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=DataLoader(_rank_data(rank, ITERATIONS), batch_size=1, shuffle=False),
-        network=ddp,
-        optimizer=nnunet_sgd(ddp.parameters()),
-        loss_function=make_loss(),
-    )
+    trainer = cpu_trainer(ddp, nnunet_sgd(ddp.parameters()), _rank_data(rank, ITERATIONS))
     history = []
-    trainer.add_event_handler(
-        Events.STARTED, lambda e: history.append({n: p.detach().clone() for n, p in ddp.module.named_parameters()})
-    )
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED,
-        lambda e: history.append({n: p.detach().clone() for n, p in ddp.module.named_parameters()}),
-    )
+    for event in (Events.STARTED, Events.ITERATION_COMPLETED):
+        trainer.add_event_handler(event, lambda e: history.append(snapshot(ddp.module)))
     DGSTHandler(method="dgst", gamma=2, update="strict").attach(trainer)
     trainer.run()
     return {"history": history, "fraction": trainer.state.metrics["updated_fraction"]}
@@ -90,14 +68,7 @@ def _handler_run(rank: int) -> dict:
 def _mismatched_trainable_set_error(rank: int) -> str:
     """DGSTHandler('bias') on a network wrapped in DDP with everything trainable: the error message, or ''."""
     ddp = DistributedDataParallel(build_tiny_dynunet())
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=DataLoader(_rank_data(rank, 1), batch_size=1),
-        network=ddp,
-        optimizer=nnunet_sgd(ddp.parameters()),
-        loss_function=make_loss(),
-    )
+    trainer = cpu_trainer(ddp, nnunet_sgd(ddp.parameters()), _rank_data(rank, 1))
     DGSTHandler(method="bias").attach(trainer)
     try:
         trainer.run()

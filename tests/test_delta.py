@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import decay_sgd
 from torch import nn
 
 from dgst_monai import DGSTHandler, apply_method, get_method
@@ -36,7 +37,7 @@ def _assert_identical(rebuilt: dict[str, torch.Tensor], tuned: dict[str, torch.T
 
 
 def _strict_dgst_tune(net: nn.Module, trainer_factory, steps: int) -> None:
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    optimizer = decay_sgd(net)
     trainer = trainer_factory(net, optimizer, iterations=steps)
     DGSTHandler(method="dgst", gamma=1, update="strict").attach(trainer)
     trainer.run()

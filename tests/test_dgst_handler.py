@@ -6,15 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import nnunet_sgd, snapshot
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 from dgst_monai import DGSTHandler
 from dgst_monai.sparsity import group_rows
-
-
-def _nnunet_sgd(net):
-    return torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
 
 def _record(trainer, net, take_snapshot):
@@ -47,7 +44,7 @@ def test_strict_handler_holds_eq5_across_iterations(
 ):
     """Over 2 epochs x 2 iterations with nnU-Net's SGD, only the top-gamma |grad| kernel entries ever move per step."""
     net = tiny_dynunet()
-    trainer = trainer_factory(net, _nnunet_sgd(net), iterations=2, max_epochs=2)
+    trainer = trainer_factory(net, nnunet_sgd(net, lr=0.01), iterations=2, max_epochs=2)
     rec = _record(trainer, net, take_snapshot)
     DGSTHandler(method="dgst", gamma=2, update="strict", clip_grad_norm=None).attach(trainer)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: rec["weights"].append(take_snapshot(net)))
@@ -70,7 +67,7 @@ def test_gradient_mode_handler_masks_gradients_but_weight_decay_moves_entries(
 ):
     """update='gradient': unselected gradients are zero at the step, yet SGD weight decay moves those entries."""
     net = tiny_dynunet()
-    trainer = trainer_factory(net, _nnunet_sgd(net), iterations=1)
+    trainer = trainer_factory(net, nnunet_sgd(net, lr=0.01), iterations=1)
     rec = _record(trainer, net, take_snapshot)
     DGSTHandler(method="dgst", gamma=1, update="gradient", clip_grad_norm=None).attach(trainer)
     masked = []
@@ -97,7 +94,7 @@ def test_updated_fraction_metric_matches_masks(
 ):
     """state.metrics['updated_fraction'] appears at epoch end and equals the fraction of entries the masks update."""
     net = tiny_dynunet()
-    trainer = trainer_factory(net, _nnunet_sgd(net), iterations=2)
+    trainer = trainer_factory(net, nnunet_sgd(net, lr=0.01), iterations=2)
     seen_during_epoch = []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED, lambda e: seen_during_epoch.append("updated_fraction" in e.state.metrics)
@@ -124,7 +121,7 @@ def test_updated_fraction_metric_matches_masks(
 def test_updated_fraction_of_a_static_method(tiny_dynunet, trainer_factory, dynunet_roles):
     """For bias_norm the metric is the trainable share of all entries."""
     net = tiny_dynunet(trans_bias=True)
-    trainer = trainer_factory(net, _nnunet_sgd(net), iterations=1)
+    trainer = trainer_factory(net, nnunet_sgd(net, lr=0.01), iterations=1)
     DGSTHandler(method="bias_norm").attach(trainer)
     trainer.run()
     trainable = sum(
@@ -175,7 +172,7 @@ def test_gradient_is_clipped_before_masking(
 def test_handler_acts_on_explicit_network(tiny_dynunet, trainer_factory, take_snapshot, dynunet_roles):
     """network=... makes the handler freeze and train that module: linear_probe moves the heads only."""
     net = tiny_dynunet()
-    trainer = trainer_factory(net, _nnunet_sgd(net), iterations=1)
+    trainer = trainer_factory(net, nnunet_sgd(net, lr=0.01), iterations=1)
     DGSTHandler(method="linear_probe", network=net).attach(trainer)
     before = take_snapshot(net)
     trainer.run()
@@ -221,8 +218,8 @@ def test_handler_rejects_bad_arguments_at_construction(kwargs, match):
 def test_handler_rejects_bad_selection_options(kwargs, match, tiny_dynunet, trainer_factory):
     """Bad gamma, grouping or warmup_steps raise a ValueError by the start of the run, before any weight moves."""
     net = tiny_dynunet()
-    trainer = trainer_factory(net, _nnunet_sgd(net), iterations=1)
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    trainer = trainer_factory(net, nnunet_sgd(net, lr=0.01), iterations=1)
+    before = snapshot(net)
     with pytest.raises(ValueError, match=match):
         DGSTHandler(**kwargs).attach(trainer)
         trainer.run()
@@ -232,7 +229,7 @@ def test_handler_rejects_bad_selection_options(kwargs, match, tiny_dynunet, trai
 def test_handler_rejects_gradient_accumulation(tiny_dynunet, trainer_factory):
     """A trainer with accumulation_steps > 1 is refused (the selection is per optimizer step)."""
     net = tiny_dynunet()
-    trainer = trainer_factory(net, _nnunet_sgd(net), iterations=2, accumulation_steps=2)
+    trainer = trainer_factory(net, nnunet_sgd(net, lr=0.01), iterations=2, accumulation_steps=2)
     with pytest.raises(ValueError, match="accumulation"):
         DGSTHandler().attach(trainer)
 
@@ -249,7 +246,7 @@ def test_handler_needs_a_network():
 def test_sgst_needs_the_trainers_batches_to_calibrate(tiny_dynunet):
     """SGST on a plain ignite Engine (no data loader, prepare_batch, inferer or loss) fails before any step."""
     net = tiny_dynunet()
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    before = snapshot(net)
     engine = Engine(lambda e, b: None)
     engine.register_events(*IterationEvents)
     DGSTHandler(method="sgst", network=net).attach(engine)

@@ -23,11 +23,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 from bundle_support import BUNDLES, TINY_NETWORK, TINY_RUN
-from helpers import bundle_workflow
-from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
+from helpers import bundle_workflow, checked, run_checked
+from monai.bundle import ConfigParser, ckpt_export
 
 from dgst_monai.data.datalists import ct_normalization
-from dgst_monai.export import BundleCheckError, export_bundle, save_training_record, verify_bundle
+from dgst_monai.export import BundleCheckError, export_bundle, save_training_record, verify_bundle, verify_network
 from dgst_monai.networks import plan_preset, swinunetr_plan
 from dgst_monai.normalization import save_normalization
 from dgst_monai.predict import predict
@@ -54,26 +54,6 @@ def _foundation(root: Path, folder: Path, datalist: str, preset: str = "tiny") -
     return folder / "model.pt"
 
 
-def _verify_net_like_the_zoo(root: Path, **overrides) -> None:
-    """``verify_net_in_out`` as the model zoo's CI calls it (``network_def`` of ``configs/inference.json``,
-    default ``n``)."""
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(root / "configs" / "metadata.json"),
-        config_file=str(root / "configs" / "inference.json"),
-        bundle_root=str(root),
-        device="cpu",
-        **overrides,
-    )
-
-
-def _run(workflow: ConfigWorkflow) -> None:
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    workflow.run()
-    workflow.finalize()
-
-
 @pytest.fixture(scope="module")
 def exported(tiny_ct, tmp_path_factory) -> SimpleNamespace:
     """Fine-tune (strict DGST, 2 shots) and evaluate through a copy of the bundle, export, unzip alone."""
@@ -84,9 +64,9 @@ def exported(tiny_ct, tmp_path_factory) -> SimpleNamespace:
     tuned = base / "tuned"
     run = {**TINY_NETWORK["ln_ct_dynunet"], **TINY_RUN, "datalist": tiny_ct.mediastinum, "ckpt_dir": str(tuned)}
     finetune = {"foundation_checkpoint": str(foundation), "method": "dgst", "shots": SHOTS}
-    _run(bundle_workflow(source, ["train", "finetune"], "train", **finetune, **run))
+    run_checked(bundle_workflow(source, ["train", "finetune"], "train", **finetune, **run))
     assert (tuned / "training_record.json").is_file(), "the fine-tune run must write its training record"
-    _run(bundle_workflow(source, ["train", "evaluate"], "eval", **run))
+    run_checked(bundle_workflow(source, ["train", "evaluate"], "eval", **run))
     output = base / "out" / f"{SITE}.zip"
     export_bundle(
         source,
@@ -120,10 +100,8 @@ def test_exported_bundle_unzips_alone_and_passes_the_model_zoo_checks(exported, 
         (["train"], "train", {"datalist": tiny_ct.hn, "num_validation": 1, "ckpt_dir": str(root / "run")}),
         (["inference"], "infer", {}),
     ):
-        workflow = bundle_workflow(root, configs, workflow_type, **overrides)
-        workflow.initialize()
-        assert workflow.check_properties() == [], configs
-    _verify_net_like_the_zoo(root)
+        checked(bundle_workflow(root, configs, workflow_type, **overrides))
+    verify_network(root)
 
 
 def test_exported_configs_carry_the_trained_network_and_the_metadata_of_its_run(exported):
@@ -270,4 +248,4 @@ def test_ckpt_export_round_trip_equals_the_checkpoint(bundle, tmp_path):
 def test_shipped_metadata_fits_the_network_as_the_zoo_ci_checks_it(bundle, preset):
     """verify_net_in_out with the model zoo CI's defaults (n=1: the smallest shape the metadata allows) on the
     shipped network; SwinUNETR at its tiny size, which downsamples by the same 32."""
-    _verify_net_like_the_zoo(BUNDLES / bundle, preset=preset)
+    verify_network(BUNDLES / bundle, preset=preset)

@@ -10,6 +10,8 @@ from bundle_support import TINY_NETWORK, TINY_RUN, run_like_model_zoo
 from dgst_monai import METHODS
 
 BUNDLE = "ln_ct_dynunet"
+#: Fine-tuning runs: the tiny network and run, no validation.
+TUNE_RUN = {**TINY_NETWORK[BUNDLE], **TINY_RUN, "val_interval": 0, "num_validation": 0}
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +24,25 @@ def foundation(tiny_ct, tmp_path_factory):
     return folder / "model.pt"
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_method_runs_through_the_finetune_overlay_and_evaluates(method, foundation, tiny_ct, tmp_path):
-    """`--method X` fine-tunes; model.pt has the foundation's keys (LoRA/Adapter merged) and evaluates."""
-    tuned = tmp_path / method
-    overrides = {**TINY_NETWORK[BUNDLE], **TINY_RUN, "val_interval": 0, "num_validation": 0}
-    run_like_model_zoo(
+def _finetune(foundation, tiny_ct, ckpt_dir, **overrides):
+    """The finetune overlay from ``foundation`` on the mediastinum phantoms, run as the model zoo does."""
+    return run_like_model_zoo(
         BUNDLE,
         ["train", "finetune"],
         "train",
         datalist=tiny_ct.mediastinum,
-        method=method,
-        shots=2,
         foundation_checkpoint=str(foundation),
-        ckpt_dir=str(tuned),
+        ckpt_dir=str(ckpt_dir),
         **overrides,
+        **TUNE_RUN,
     )
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_runs_through_the_finetune_overlay_and_evaluates(method, foundation, tiny_ct, tmp_path):
+    """`--method X` fine-tunes; model.pt has the foundation's keys (LoRA/Adapter merged) and evaluates."""
+    tuned = tmp_path / method
+    _finetune(foundation, tiny_ct, tuned, method=method, shots=2)
     base = torch.load(foundation, map_location="cpu", weights_only=True)
     final = torch.load(tuned / "model.pt", map_location="cpu", weights_only=True)
     if method == "spatial_adapter":
@@ -66,26 +71,21 @@ def test_method_runs_through_the_finetune_overlay_and_evaluates(method, foundati
         datalist=tiny_ct.mediastinum,
         method=method,
         ckpt_dir=str(tuned),
-        **overrides,
+        **TUNE_RUN,
     )
     assert (tuned / "eval" / "summary.json").is_file()
 
 
 def test_spatial_adapter_with_the_size_prior_through_the_overlay(foundation, tiny_ct, tmp_path):
     """`--size_prior true` attaches the transductive prior before DGSTHandler; it reads the non-shot images."""
-    overrides = {**TINY_NETWORK[BUNDLE], **TINY_RUN, "val_interval": 0, "num_validation": 0}
-    workflow = run_like_model_zoo(
-        BUNDLE,
-        ["train", "finetune"],
-        "train",
-        datalist=tiny_ct.mediastinum,
+    workflow = _finetune(
+        foundation,
+        tiny_ct,
+        tmp_path / "tuned",
         method="spatial_adapter",
         shots=1,
         size_prior=True,
-        foundation_checkpoint=str(foundation),
-        ckpt_dir=str(tmp_path / "tuned"),
         **{"size_prior_handler#warmup_iterations": 0},
-        **overrides,
     )
     prior = workflow.parser.get_parsed_content("size_prior_handler")
     unlabeled = prior.unlabeled.dataset.data

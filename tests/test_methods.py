@@ -6,6 +6,7 @@ from copy import deepcopy
 
 import pytest
 import torch
+from helpers import changed_by_plain_steps, changed_names, decay_sgd
 from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 from torch import nn
@@ -41,22 +42,13 @@ def expected_trained(method: str, names, roles) -> set[str]:
     raise AssertionError(method)
 
 
-def _sgd(net: nn.Module) -> torch.optim.Optimizer:
-    # momentum and weight decay would move any parameter that the optimizer is allowed to touch
-    return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-
-
-def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
-    return {n for n in before if not torch.equal(before[n], after[n])}
-
-
 def run_handler(net, trainer_factory, take_snapshot, iterations=2, **handler_kwargs):
     """Train ``net`` for ``iterations`` steps in a SupervisedTrainer with a DGSTHandler.
 
     Returns the handler, the weights before and after every iteration, and the raw (unclipped, unmasked)
     gradients of every iteration, recorded by a BACKWARD_COMPLETED handler registered before the DGSTHandler.
     """
-    trainer = trainer_factory(net, _sgd(net), iterations=iterations)
+    trainer = trainer_factory(net, decay_sgd(net), iterations=iterations)
     weights = [take_snapshot(net)]
     raw_grads = []
 
@@ -100,7 +92,7 @@ def test_describe_parameters_on_dynunet(tiny_dynunet, dynunet_roles):
 
 @pytest.mark.parametrize("method", STATIC_METHODS)
 def test_apply_method_plain_loop_changes_exactly_the_named_parameters(
-    method, tiny_dynunet, batch_factory, loss_factory, take_snapshot, dynunet_roles
+    method, tiny_dynunet, batch_factory, dynunet_roles
 ):
     """apply_method + a plain SGD(momentum, weight decay) loop: requires_grad and changed tensors match the method."""
     net = tiny_dynunet(trans_bias=True)
@@ -109,15 +101,8 @@ def test_apply_method_plain_loop_changes_exactly_the_named_parameters(
     assert expected, method
     assert {n for n, p in net.named_parameters() if p.requires_grad} == expected
 
-    optimizer = _sgd(net)  # built over *all* parameters: frozen ones must stay put anyway
-    loss_fn = loss_factory()
-    before = take_snapshot(net)
-    for _ in range(2):
-        image, label = batch_factory(1)
-        optimizer.zero_grad()
-        loss_fn(net(image), label).backward()
-        optimizer.step()
-    assert _changed(before, take_snapshot(net)) == expected
+    # the optimizer holds *all* parameters: frozen ones must stay put anyway
+    assert changed_by_plain_steps(net, [batch_factory(1) for _ in range(2)]) == expected
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -129,7 +114,7 @@ def test_handler_in_supervised_trainer_changes_exactly_the_named_parameters(
     _, weights, _ = run_handler(net, trainer_factory, take_snapshot, method=method)
     expected = expected_trained(method, dict(net.named_parameters()), dynunet_roles)
     assert {n for n, p in net.named_parameters() if p.requires_grad} == expected
-    assert _changed(weights[0], weights[-1]) == expected
+    assert changed_names(weights[0], weights[-1]) == expected
 
 
 @pytest.mark.parametrize("method", SPARSE_METHODS)
@@ -220,7 +205,7 @@ def test_sgst_mask_is_fixed_from_the_first_update_to_the_last(
     set of kernel entries that move at every one of 4 updates; calibration changed no weight and made no step."""
     net = tiny_dynunet()
     foundation = take_snapshot(net)
-    optimizer = _sgd(net)
+    optimizer = decay_sgd(net)
     trainer = trainer_factory(net, optimizer, iterations=2, max_epochs=2)
     expected = _reference_sgst_masks(net, trainer.data_loader, loss_factory(), 3, dynunet_roles, reference_mask)
     before_step, raw = [], []

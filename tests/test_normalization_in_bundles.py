@@ -12,6 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from bundle_support import TINY_NETWORK, TINY_RUN, make_workflow
+from helpers import run_checked
+
 from dgst_monai.data.datalists import few_shot, load_split
 from dgst_monai.normalization import load_normalization
 
@@ -20,10 +22,7 @@ NET = TINY_NETWORK[BUNDLE]
 
 
 def _run(configs: list[str], workflow_type: str, **overrides) -> None:
-    workflow = make_workflow(BUNDLE, configs, workflow_type, **NET, **TINY_RUN, **overrides)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_checked(make_workflow(BUNDLE, configs, workflow_type, **NET, **TINY_RUN, **overrides))
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fixed_data_trainer, patches, snapshot
 from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from test_selector_state import fixed_data_trainer, patches
 from torch import nn
 
 from dgst_monai import DGSTHandler
@@ -81,7 +81,7 @@ def _train(tiny_dynunet, loss_factory, foundation, data, attach) -> dict[str, to
     trainer = fixed_data_trainer(net, loss_factory(), data, max_epochs=2)
     attach(trainer, net)
     trainer.run()
-    return {n: p.detach().clone() for n, p in net.named_parameters()}
+    return snapshot(net)
 
 
 @pytest.fixture

@@ -10,43 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import nnunet_sgd
-from monai.data import DataLoader
+from helpers import fixed_data_trainer, patches, snapshot
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
-from torch import nn
 
 from dgst_monai import DGSTHandler
 from dgst_monai.handlers.training_state import TrainingStateCheckpoint, latest_training_state
 
 EPOCHS, INTERRUPT = 3, 1  # the uninterrupted run's length and the epoch after which the other one stops
-
-
-def fixed_data_trainer(net: nn.Module, loss: nn.Module, data: list[dict], max_epochs: int) -> SupervisedTrainer:
-    """A CPU SupervisedTrainer over ``data`` in order (batch 1, no shuffling) with nnU-Net's SGD at lr 0.01.
-
-    Example::
-
-        trainer = fixed_data_trainer(net, make_loss(), patches(2), max_epochs=3)
-    """
-    return SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=max_epochs,
-        train_data_loader=DataLoader(data, batch_size=1, shuffle=False, num_workers=0),
-        network=net,
-        optimizer=nnunet_sgd(net, lr=0.01),
-        loss_function=loss,
-    )
-
-
-def patches(n: int) -> list[dict[str, torch.Tensor]]:
-    """``n`` fixed (image, label) patches of 16^3 voxels, the same at every call."""
-    gen = torch.Generator().manual_seed(11)
-    items = []
-    for _ in range(n):
-        image = torch.randn(1, 16, 16, 16, generator=gen)
-        items.append({"image": image, "label": (torch.rand(1, 16, 16, 16, generator=gen) > 0.7).float()})
-    return items
 
 
 class Run:
@@ -98,7 +69,7 @@ class Run:
         return self
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.net.named_parameters()}
+        return snapshot(self.net)
 
 
 @pytest.fixture
@@ -212,7 +183,7 @@ def test_a_non_finite_calibration_batch_is_not_counted(tiny_dynunet, loss_factor
 def test_calibration_that_never_gets_finite_gradients_stops_with_a_clear_error(tiny_dynunet, loss_factory):
     """Every calibration gradient infinite: the run stops before any update with an error saying so."""
     net = tiny_dynunet()
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    before = snapshot(net)
     _poison(net.downsamples[0].conv1.conv.weight, set(range(1, 100)))
     trainer, _ = _sgst_run(net, loss_factory, patches(2), warmup_steps=2)
     with pytest.raises(RuntimeError, match="17 batches had non-finite gradients"):

@@ -9,10 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import build_tiny_dynunet, decay_sgd, make_loss
+from helpers import build_tiny_dynunet, cpu_trainer, decay_sgd
 from ignite.engine import Events
 from monai.data import DataLoader
-from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Spacingd
 
@@ -128,10 +127,8 @@ def _over_segmenting_run(prior: bool, warmup: int = 0, steps: int = 6) -> tuple[
     net = apply_method(foundation, "spatial_adapter")
     volume = torch.randn(1, 24, 24, 24)
     unlabeled = DataLoader([{"image": volume}], batch_size=1)
-    patches = [{"image": torch.randn(1, *PATCH), "label": torch.ones(1, *PATCH)} for _ in range(steps)]
-    trainer = SupervisedTrainer(
-        torch.device("cpu"), 1, DataLoader(patches, batch_size=1), net, decay_sgd(net, lr=0.01), make_loss()
-    )
+    labelled = [{"image": torch.randn(1, *PATCH), "label": torch.ones(1, *PATCH)} for _ in range(steps)]
+    trainer = cpu_trainer(net, decay_sgd(net, lr=0.01), labelled)
     if prior:
         SizePriorHandler(unlabeled, TARGET, PATCH, warmup_iterations=warmup).attach(trainer)
     DGSTHandler(method="spatial_adapter").attach(trainer)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import nnunet_sgd
 from torch import nn
 
 import dgst_monai
@@ -368,7 +369,7 @@ def _run_sparse_steps(net, optimizer, gamma, grouping, update, steps, batch_fact
 
 
 OPTIMIZERS = {
-    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.99, nesterov=True, weight_decay=3e-5),
+    "sgd_nesterov": nnunet_sgd,
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4),
 }
 
@@ -413,7 +414,7 @@ def test_gradient_mode_weight_decay_moves_unselected_entries(
 ):
     """Gradient mode: unselected gradients are exactly zero, yet SGD weight decay still moves those entries."""
     net = tiny_dynunet()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    optimizer = nnunet_sgd(net, lr=0.01)
     _, records = _run_sparse_steps(
         net, optimizer, 1, "filter", "gradient", 1, batch_factory, loss_factory(), take_snapshot
     )

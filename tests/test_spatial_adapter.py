@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from helpers import decay_sgd
+from helpers import build_tiny_inference_dynunet, decay_sgd, run_saving_merged
 from monai.bundle import ckpt_export
-from monai.handlers import CheckpointLoader, CheckpointSaver
-from monai.networks.nets import DynUNet, SwinUNETR
+from monai.handlers import CheckpointLoader
+from monai.networks.nets import SwinUNETR
 from torch import nn
 
 from dgst_monai import DGSTHandler, apply_method, get_method
@@ -53,10 +53,10 @@ def test_trainer_steps_leave_the_foundation_bit_identical(tiny_dynunet, trainer_
     parameters, the deep-supervision loss and a batch-norm foundation (running statistics would move in train
     mode): after the plain foundation checkpoint loads strictly, every foundation parameter and buffer stays
     bit-identical and exactly the adapter's two weights change."""
-    foundation = _dynunet(norm="batch", deep_supervision=True)
+    foundation = tiny_dynunet(norm_name="batch")
     path = tmp_path / "foundation.pt"
     torch.save(foundation.state_dict(), path)
-    net = apply_method(_dynunet(norm="batch", deep_supervision=True), "spatial_adapter")  # only the load equals
+    net = apply_method(tiny_dynunet(norm_name="batch"), "spatial_adapter")  # only the load equals
     trainer = trainer_factory(net, decay_sgd(net), iterations=3)
     CheckpointLoader(load_path=str(path), load_dict={"model": net}).attach(trainer)
     DGSTHandler(method="spatial_adapter").attach(trainer)
@@ -122,15 +122,11 @@ def test_spatial_adapter_checkpoint_rebuilds_and_scripts(tiny_dynunet, trainer_f
     net = apply_method(tiny_dynunet(), "spatial_adapter")
     trainer = trainer_factory(net, decay_sgd(net), iterations=2)
     DGSTHandler(method="spatial_adapter").attach(trainer)
-    CheckpointSaver(str(tmp_path), {"model": MergedView(net)}, save_final=True, final_filename="model.pt").attach(
-        trainer
-    )
-    trainer.run()
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state = torch.load(run_saving_merged(trainer, net, tmp_path), weights_only=True)
     assert {k.split(".")[0] for k in state} == {"foundation", "spatial_adapter"}
     assert state["spatial_adapter.conv2.weight"].any()
 
-    plain = _dynunet()
+    plain = build_tiny_inference_dynunet()
     rebuilt = for_checkpoint(plain, tmp_path / "model.pt")
     assert isinstance(rebuilt, SpatialAdapterNetwork) and rebuilt.foundation is plain
     rebuilt.load_state_dict(state, strict=True)
@@ -207,16 +203,3 @@ def test_bad_input_is_explained():
         SpatialAdapterNetwork(nn.Sequential(nn.Conv3d(1, 2, 3)))
     with pytest.raises(ValueError, match="apply_method"):
         get_method("spatial_adapter").trainable(nn.Sequential(nn.Conv3d(1, 2, 3)))
-
-
-def _dynunet(norm: str | tuple = ("INSTANCE", {"affine": True}), deep_supervision: bool = False) -> DynUNet:
-    """The tiny DynUNet with another norm, or without deep supervision (the inference / export network, which
-    loads the training network's checkpoint once the extra head is dropped)."""
-    from dgst_monai.networks.inference import drop_deep_supervision_heads_on_load
-
-    net = DynUNet(
-        spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
-        upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 32], norm_name=norm,
-        deep_supervision=deep_supervision, deep_supr_num=1,
-    )
-    return net if deep_supervision else drop_deep_supervision_heads_on_load(net)

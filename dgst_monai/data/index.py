@@ -23,7 +23,6 @@ foreground voxels per case; ``dgst_monai.data.datalists.ct_normalization`` reads
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +34,7 @@ import SimpleITK as sitk
 
 from dgst_monai.data.cases import VOLUME_SUFFIXES, case_id_of
 from dgst_monai.data.readers import read_image
-from dgst_monai.files import atomic_write_json
+from dgst_monai.files import atomic_write_json, read_json
 from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE, foreground_sample, intensity_properties_of
 
 __all__ = [
@@ -218,10 +217,7 @@ def _nnunet(root: Path, opts: dict[str, Any]) -> Discovery:
     meta_path = root / "dataset.json"
     meta: dict[str, Any] = {}
     if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
+        meta = read_json(meta_path, "nnU-Net dataset file")
     else:
         out.notes.append(f"no {meta_path}: file ending and labels guessed")
     ending = meta.get("file_ending")

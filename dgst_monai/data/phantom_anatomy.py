@@ -233,6 +233,20 @@ def _cortical_bone(b: _Builder, outer: Tube, cortex_mm: float) -> None:
     b.paint(outer.offset(cortex_mm), "bone", b.u(400.0, 600.0), forbid=False)
 
 
+def _vertebral_bodies(
+    b: _Builder, column: Tube, cortex_mm: float, z_range: tuple[float, float], disc_period_mm: float, disc_mm: float
+) -> None:
+    """The vertebral bodies of a spine segment: one cortical-bone ``column`` over template ``z_range`` cut by
+    intervertebral discs ``disc_mm`` thick every ``disc_period_mm`` (template mm, scaled like z), at a random
+    phase."""
+    _cortical_bone(b, column, cortex_mm)
+    disc_hu = b.u(45.0, 70.0)
+    period = disc_period_mm * b.sz
+    z0, z1 = z_range
+    for zc in np.arange(z0 * b.sz + b.u(0.0, period), z1 * b.sz, period):
+        b.paint(column.z_cut(zc - disc_mm / 2, zc + disc_mm / 2), "soft_tissue", disc_hu, forbid=False)
+
+
 def _build_hn(b: _Builder) -> None:
     """Neck cross-section at cervical levels II-IV (template z -70..70 mm, larynx near z 0)."""
     z0, z1 = -70.0, 70.0
@@ -280,12 +294,7 @@ def _build_hn(b: _Builder) -> None:
     b.paint(arch, "bone", b.u(800.0, 1200.0))
     b.paint(arch.offset(4.5), "soft_tissue", b.u(30.0, 40.0), forbid=False)  # canal (cord and CSF)
     b.paint(b.tube([(z0, 0, 43, 3, 7, 0), (z1, 0, 43, 3, 7, 0)]), "bone", b.u(700.0, 1100.0))  # spinous process
-    vbody = b.tube([(z0, 0, 12, 9, 8, 0), (z1, 0, 12, 9.5, 8, 0)])
-    _cortical_bone(b, vbody, 1.5)
-    disc_hu = b.u(45.0, 70.0)
-    period = 17.0 * b.sz
-    for zc in np.arange(z0 * b.sz + b.u(0.0, period), z1 * b.sz, period):
-        b.paint(vbody.z_cut(zc - 2.0, zc + 2.0), "soft_tissue", disc_hu, forbid=False)
+    _vertebral_bodies(b, b.tube([(z0, 0, 12, 9, 8, 0), (z1, 0, 12, 9.5, 8, 0)]), 1.5, (z0, z1), 17.0, 4.0)
     for side in (-1.0, 1.0):
         b.paint(b.tube([(z0, side * 15, 15, 7, 3.5, 0), (z1, side * 15, 15, 7, 3.5, 0)]), "bone", b.u(500.0, 800.0))
 
@@ -439,12 +448,7 @@ def _build_mediastinum(b: _Builder) -> None:
     for side in (-1.0, 1.0):
         b.paint(b.tube([(z0, side * 20, 64, 9, 4, side * 0.3), (z1, side * 20, 64, 9, 4, side * 0.3)]),
                 "bone", b.u(500.0, 800.0))  # transverse processes
-    vbody = b.tube([(z0, 0, 46, 16, 14, 0), (z1, 0, 46, 15, 13, 0)])
-    _cortical_bone(b, vbody, 2.0)
-    disc_hu = b.u(45.0, 70.0)
-    period = 26.0 * b.sz
-    for zc in np.arange(z0 * b.sz + b.u(0.0, period), z1 * b.sz, period):
-        b.paint(vbody.z_cut(zc - 3.0, zc + 3.0), "soft_tissue", disc_hu, forbid=False)
+    _vertebral_bodies(b, b.tube([(z0, 0, 46, 16, 14, 0), (z1, 0, 46, 15, 13, 0)]), 2.0, (z0, z1), 26.0, 6.0)
     _cortical_bone(b, b.tube([(-60, 0, -84, 15, 5.5, 0), (z1, 0, -83, 14, 5.5, 0)]), 1.5)  # sternum
 
     # IASLC stations (2R/2L upper paratracheal, 4R/4L lower paratracheal, 5 aortopulmonary, 6 para-aortic,

@@ -1,5 +1,7 @@
-"""Ignite handler for FSEFT's transductive size prior: keep the predicted lymph-node volume fraction on
-unlabeled target volumes within a margin of the fraction in the support shots."""
+"""Ignite handler for FSEFT's transductive size prior on the unlabeled target volumes of a few-shot run.
+
+It keeps the lymph-node volume fraction predicted on those volumes within a margin of the fraction in the support
+shots."""
 
 from __future__ import annotations
 

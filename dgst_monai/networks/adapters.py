@@ -1,5 +1,4 @@
-"""LoRA and Houlsby adapters on the convolution layers of a segmentation network; the methods ``lora`` and
-``adapter`` of the fine-tuning registry.
+"""LoRA and Houlsby adapters on a network's convolution layers: the ``lora`` and ``adapter`` fine-tuning methods.
 
 The paper's LoRA and Adapter baselines "target only the 3D convolution layers". Both are injected in place
 into the network (it stays a ``DynUNet``) and both start equal to the foundation model (their output-side

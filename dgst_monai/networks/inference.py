@@ -1,4 +1,4 @@
-"""Inference and TorchScript networks without deep supervision that load deep-supervised training checkpoints strictly."""
+"""Inference and TorchScript networks without deep supervision that load deep-supervised checkpoints strictly."""
 
 from __future__ import annotations
 

@@ -49,15 +49,14 @@ their own network (e.g. SwinUNETR trainers), 2D configurations, ``n_conv_per_sta
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
+from dgst_monai.files import read_json
 from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
 from dgst_monai.networks.planner import DynUNetPlan
 from dgst_monai.normalization import normalization_from_nnunet_plans, save_normalization
@@ -304,9 +303,9 @@ def _load(model_folder: str | Path, fold: int | str, checkpoint: str, configurat
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        content = json.loads(path.read_text())
+        content = read_json(path, "nnU-Net file")
     except (OSError, ValueError) as error:
-        raise NNUNetImportError(f"{path}: not readable JSON ({error})") from error
+        raise NNUNetImportError(str(error)) from error
     if not isinstance(content, dict):
         raise NNUNetImportError(f"{path}: expected a JSON object, got {type(content).__name__}")
     return content

@@ -33,7 +33,7 @@ paper's do.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "estimate_feature_map_elements",
     "plan_dynunet",
     "plan_preset",
+    "preset_arguments",
 ]
 
 #: nnU-Net v2's calibration: feature-map elements of one sample that fit ``REFERENCE_GB`` at batch 2.
@@ -553,6 +554,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_arguments(
+    presets: Mapping[str, Mapping[str, Any]], name: str, kind: str, **overrides: Any
+) -> dict[str, Any]:
+    """The keyword arguments of preset ``name`` in ``presets``, with ``overrides`` replacing some of them.
+
+    Args:
+        presets: named keyword-argument sets (:data:`PRESETS`, ``SWINUNETR_PRESETS``).
+        name: the preset.
+        kind: what the presets configure, for the error (``"DynUNet plan"``).
+        **overrides: keyword arguments replacing the preset's.
+
+    Raises:
+        ValueError: an unknown preset (the message lists the known ones).
+
+    Example::
+
+        preset_arguments(PRESETS, "tiny", "DynUNet plan", base_filters=4)["patch_size"]  # (32, 32, 16)
+    """
+    try:
+        arguments = dict(presets[name])
+    except KeyError:
+        raise ValueError(f"unknown {kind} preset {name!r}; known presets: {', '.join(presets)}") from None
+    arguments.update(overrides)
+    return arguments
+
+
 def plan_preset(name: str, **overrides: Any) -> DynUNetPlan:
     """The plan of a named preset (``paper``, ``paper-resenc-m``, ``paper-resenc-l``, ``cpu-small``, ``tiny``).
 
@@ -565,9 +592,4 @@ def plan_preset(name: str, **overrides: Any) -> DynUNetPlan:
         plan_preset("paper").as_config()["strides"]
         plan_preset("cpu-small", base_filters=8).network()
     """
-    try:
-        kwargs = dict(PRESETS[name])
-    except KeyError:
-        raise ValueError(f"unknown DynUNet plan preset {name!r}; known presets: {', '.join(PRESETS)}") from None
-    kwargs.update(overrides)
-    return plan_dynunet(**kwargs)
+    return plan_dynunet(**preset_arguments(PRESETS, name, "DynUNet plan", **overrides))

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from monai.networks.nets import SwinUNETR
 
+from dgst_monai.networks.planner import preset_arguments
+
 __all__ = ["SWINUNETR_PRESETS", "SWINUNETR_VERSIONS", "SwinUNETRPlan", "build_swinunetr", "swinunetr_plan"]
 
 SWINUNETR_VERSIONS: tuple[str, ...] = ("v1", "v2")
@@ -139,9 +141,4 @@ def swinunetr_plan(name: str, **overrides: Any) -> SwinUNETRPlan:
         plan = swinunetr_plan("cpu-small", version="v2")
         net = plan.network(in_channels=1, out_channels=2)
     """
-    try:
-        kwargs = dict(SWINUNETR_PRESETS[name])
-    except KeyError:
-        raise ValueError(f"unknown SwinUNETR preset {name!r}; known presets: {', '.join(SWINUNETR_PRESETS)}") from None
-    kwargs.update(overrides)
-    return SwinUNETRPlan(**kwargs)
+    return SwinUNETRPlan(**preset_arguments(SWINUNETR_PRESETS, name, "SwinUNETR", **overrides))
