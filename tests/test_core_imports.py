@@ -24,7 +24,7 @@ HEAVY = ("ignite", "monai", "peft", "dgst_monai.networks", "dgst_monai.handlers"
 
 def _fresh(code: str) -> dict:
     """Run ``code`` in a new interpreter; it prints one JSON object as its last line."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 

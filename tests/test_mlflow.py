@@ -21,7 +21,7 @@ def _monai_bundle_run(tmp_path: Path, configs: list[str], **overrides: Any) -> N
     for key, value in {**_bundle_files(), **overrides}.items():
         command += [f"--{key}", value if isinstance(value, str) else repr(value)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

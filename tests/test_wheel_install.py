@@ -26,7 +26,7 @@ def _source_files() -> list[str]:
     """The checkout's files as a clone has them: tracked or new, not git-ignored (no build/, no run outputs)."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True,
     )  # fmt: skip
     return sorted(f for f in listed.stdout.split("\0") if f and (REPO / f).is_file())
 
@@ -40,7 +40,7 @@ def wheel(tmp_path_factory) -> Path:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out)]
-    subprocess.run([*command, str(source)], capture_output=True, text=True, check=True, timeout=300)
+    subprocess.run([*command, str(source)], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True, timeout=300)
     (path,) = out.glob("dgst_monai-*.whl")
     return path
 
@@ -53,13 +53,13 @@ def venv(wheel, tmp_path_factory) -> Path:
     python = root / "bin" / "python"
     own = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", check=True,
     ).stdout.strip()  # fmt: skip
     # this interpreter's package folders (not the checkout, nor pytest's additions to sys.path)
     ours = [p for p in dict.fromkeys(sys.path) if Path(p).name in ("site-packages", "dist-packages")]
     Path(own, "_dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)]
-    subprocess.run(pip, capture_output=True, text=True, check=True, timeout=300)
+    subprocess.run(pip, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True, timeout=300)
     return root
 
 
@@ -67,7 +67,7 @@ def _run(venv: Path, cwd: Path, *command: str, timeout: float = 120) -> str:
     """A command of the fresh environment, from ``cwd``, with nothing of this session on its Python path."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-4000:]}"
     return done.stdout
 
