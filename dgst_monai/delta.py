@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dgst_monai.files import atomic_torch_save
+from dgst_monai.files import atomic_torch_save, load_torch_file
 
 FORMAT = "dgst_monai.sparse_delta"
 VERSION = 1
@@ -196,7 +196,7 @@ def apply_delta(base_state: StateDict, delta: Mapping[str, Any]) -> dict[str, to
 
     Example::
 
-        tuned = apply_delta(torch.load("foundation.pt"), torch.load("delta.pt"))
+        tuned = apply_delta(load_state_dict_file("foundation.pt")[0], load_delta("delta.pt"))
         network.load_state_dict(tuned)
     """
     _check_format(delta)
@@ -253,13 +253,16 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
         entries of a ``{"model": ..., ...}`` checkpoint (optimizer, trainer state) are ignored.
 
     Raises:
+        FileNotFoundError: no such file.
+        dgst_monai.files.UnsafeFileError: the file carries pickled objects beyond weights (refused unread).
+        dgst_monai.files.DamagedFileError: truncated or corrupt.
         ValueError: the file holds neither.
 
     Example::
 
         state, wrapper = load_state_dict_file("models/model.pt")
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path, "checkpoint")
     if isinstance(checkpoint, Mapping):
         if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
             return dict(checkpoint), None
@@ -271,8 +274,14 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
 
 
 def load_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a delta file written by :func:`save_delta`."""
-    delta = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a delta file written by :func:`save_delta`.
+
+    Raises:
+        FileNotFoundError, dgst_monai.files.UnsafeFileError, dgst_monai.files.DamagedFileError: as
+            :func:`dgst_monai.files.load_torch_file`.
+        ValueError: not a delta.
+    """
+    delta = load_torch_file(path, "delta")
     _check_format(delta, str(path))
     return delta
 

@@ -8,8 +8,9 @@ Checks, per case (image and label), in order of cost:
    scalar volume with more than one slice; positive, finite spacing (for NIfTI also the raw ``pixdim``, which
    ITK silently replaces by 1 when it is 0); a non-degenerate direction; regular DICOM slice positions; image /
    label geometry (size, spacing, origin, direction) equal within tolerances;
-3. file integrity: NIfTI voxel data complete (ITK reads a truncated NIfTI without complaint: the byte count and
-   the gzip stream are checked here);
+3. file integrity: voxel data complete and intact (ITK reads a truncated NIfTI without complaint and decodes a
+   corrupt gzip stream unchecked: :func:`dgst_monai.data.integrity.check_image_file` compares the byte count
+   with the header and verifies gzip / zlib / bzip2 streams of NIfTI, NRRD and MetaImage files);
 4. voxels: readable; no NaN / inf; image values on the CT (HU) scale; label values integers among the
    datalist's ``labels`` (default 0, 1); a non-empty label in every training case.
 
@@ -23,12 +24,10 @@ Example:
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from dgst_monai.data.readers import Geometry, read_header, read_image
 from dgst_monai.data.cases import NIFTI_SUFFIXES, case_id_of
+from dgst_monai.data.integrity import check_image_file, read_nifti_header
+from dgst_monai.data.readers import SLICE_GAP_TOLERANCE, Geometry, read_header, read_image
+from dgst_monai.files import DamagedFileError
 
 __all__ = ["Problem", "Tolerances", "check_datalist", "format_problems"]
 
@@ -71,7 +72,7 @@ class Tolerances:
     spacing_rel: float = 1e-3
     origin_mm: float = 1e-2
     direction: float = 1e-3
-    slice_gap_rel: float = 1e-2
+    slice_gap_rel: float = SLICE_GAP_TOLERANCE
     air_hu: float = -200.0
     hu_min: float = -3100.0
     hu_max: float = 32767.0
@@ -182,10 +183,10 @@ def _check_case(
         found = _header_problems(key, p, geom, tol)
         for text in found:
             add(p, text)
-        truncated = _nifti_problem(p) if p.is_file() else None
-        if truncated:
-            add(p, f"{key}: {truncated}")
-        if not found and not truncated:
+        damaged = _integrity_problem(key, p) if p.is_file() else None
+        if damaged:
+            add(p, damaged)
+        if not found and not damaged:
             headers[key] = geom
 
     if "image" in headers and "label" in headers:
@@ -314,52 +315,23 @@ def _label_problems(array: np.ndarray, allowed: set[int], training: bool) -> lis
     return out
 
 
-def _raw_nifti_header(path: Path) -> Any:
-    """The NIfTI-1/2 header exactly as stored: ``nib.load`` would fix it (e.g. turn a zero pixdim into 1)."""
-    import nibabel as nib
-
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        header = nib.Nifti1Header.from_fileobj(fh, check=False)
-        if int(header["sizeof_hdr"]) != 348:
-            fh.seek(0)
-            header = nib.Nifti2Header.from_fileobj(fh, check=False)
-    return header
-
-
 def _nifti_pixdim(path: Path) -> tuple[float, float, float] | None:
     """The raw ``pixdim[1:4]`` of a NIfTI header (None for other formats or an unreadable header)."""
     if not _is_nifti(path):
         return None
     try:
-        pixdim = _raw_nifti_header(path)["pixdim"][1:4]
-    except Exception:  # noqa: BLE001 - the SimpleITK header read reports unreadable files
+        pixdim = read_nifti_header(path)["pixdim"][1:4]
+    except DamagedFileError:  # the integrity check reports it
         return None
     return tuple(float(v) for v in pixdim)  # type: ignore[return-value]
 
 
-def _nifti_problem(path: Path) -> str | None:
-    """A truncated or corrupt NIfTI voxel block (None if complete or not NIfTI)."""
-    if not _is_nifti(path):
-        return None
+def _integrity_problem(key: str, path: Path) -> str | None:
+    """How the voxel data of a file are truncated or corrupt (None if they are complete, or not checkable)."""
     try:
-        header = _raw_nifti_header(path)
-        n_bytes = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-        expected = int(header.get_data_offset()) + n_bytes
-    except Exception as err:  # noqa: BLE001
-        return f"unreadable NIfTI header: {err}"
-    if path.name.lower().endswith(".gz"):
-        size = 0
-        try:
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    size += len(chunk)
-        except (EOFError, OSError, zlib.error) as err:
-            return f"truncated or corrupt gzip stream ({err})"
-    else:
-        size = path.stat().st_size
-    if size < expected:
-        return f"truncated file: {size} bytes, the header needs {expected}"
+        check_image_file(path)
+    except DamagedFileError as err:
+        return f"unreadable or truncated {key} voxel data: " + str(err).removeprefix(f"{path}: ")
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -12,9 +13,11 @@ from typing import Any
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointLoader
 
-from dgst_monai.files import atomic_torch_save
+from dgst_monai.config_values import flag
+from dgst_monai.files import atomic_torch_save, remove_interrupted_writes
+from dgst_monai.handlers.checkpoint_loader import SafeCheckpointLoader
+from dgst_monai.handlers.random_state import RandomState
 
 __all__ = ["AtomicDiskSaver", "TrainingStateCheckpoint", "latest_training_state"]
 
@@ -24,11 +27,14 @@ _RESERVED = ("trainer", "scaler", "checkpointer")  # what the handler adds to th
 
 
 class AtomicDiskSaver(DiskSaver):
-    """ignite's :class:`~ignite.handlers.DiskSaver` writing through :func:`dgst_monai.files.atomic_torch_save`.
+    """ignite's :class:`~ignite.handlers.DiskSaver` writing through :func:`dgst_monai.files.atomic_torch_save`,
+    removing older files only once the new one is complete.
 
     ignite's own atomic mode writes an ``0o600`` temporary file and then adds read permission for everyone,
     whatever the umask, and does not fsync; this one fsyncs and gives the file the permissions ``open()`` would.
-    Only rank ``save_on_rank`` writes and removes files.
+    ignite's :class:`~ignite.handlers.Checkpoint` asks to remove the oldest file *before* it writes the new one:
+    with ``n_saved=1`` a kill while writing would leave no file at all. Here a removal waits until the next
+    file has been written in full. Only rank ``save_on_rank`` writes and removes files.
 
     Args:
         dirname: folder of the files (created if missing).
@@ -41,16 +47,21 @@ class AtomicDiskSaver(DiskSaver):
 
     def __init__(self, dirname: str | os.PathLike[str], save_on_rank: int = 0) -> None:
         super().__init__(Path(dirname), atomic=True, create_dir=True, require_empty=False, save_on_rank=save_on_rank)
+        self._to_remove: list[str] = []
 
     def __call__(self, checkpoint: Mapping[str, Any], filename: str, metadata: Mapping[str, Any] | None = None) -> None:
-        """Write ``checkpoint`` to ``<dirname>/<filename>`` (on the saving rank)."""
+        """Write ``checkpoint`` to ``<dirname>/<filename>`` (on the saving rank), then remove the files
+        :meth:`remove` was asked to."""
         if idist.get_rank() == self.save_on_rank:
             atomic_torch_save(checkpoint, self.dirname / filename)
+            for old in self._to_remove:
+                if old != filename:  # ignite removes a file of the same name before replacing it
+                    (self.dirname / old).unlink(missing_ok=True)
+        self._to_remove.clear()
 
     def remove(self, filename: str) -> None:
-        """Delete an older file (on the saving rank); one already gone is not an error."""
-        if idist.get_rank() == self.save_on_rank:
-            (self.dirname / filename).unlink(missing_ok=True)
+        """Remove ``filename`` once the next file has been written (a file already gone is not an error)."""
+        self._to_remove.append(filename)
 
 
 def latest_training_state(save_dir: str | os.PathLike[str], prefix: str = "training_state") -> Path | None:
@@ -76,6 +87,13 @@ def _epoch(engine: Engine) -> int:
     return engine.state.epoch
 
 
+def _batches_per_pass(engine: Engine) -> int | None:
+    try:
+        return len(engine.state.dataloader)  # type: ignore[arg-type]
+    except TypeError:  # an iterable without a length
+        return None
+
+
 class TrainingStateCheckpoint:
     """Save the whole training state atomically every ``interval`` epochs; with ``resume=True`` continue from
     the latest one.
@@ -91,13 +109,23 @@ class TrainingStateCheckpoint:
     validation has run): the saved state is the one the next epoch starts from. The file is the usual nested
     checkpoint ``{"model": ..., "optimizer": ..., ...}``, loadable with MONAI's ``CheckpointLoader``.
 
-    With ``resume=True``, when the run starts the latest state file is loaded into the same objects with
-    MONAI's ``CheckpointLoader`` (``torch.load(weights_only=True)``); the trainer then continues with the epoch
-    after the saved one, and ``max_epochs`` stays the configured value (it must not be below the saved epoch). A
-    missing state file is an error rather than a silent fresh start. Handlers attached later that also act when
-    the run starts (e.g. a ``CheckpointLoader`` of pre-trained weights) run after this one: disable them when
-    resuming. Resuming is meant for continuing the same run: saved objects keep their saved settings (e.g. the
-    lr scheduler's length).
+    With ``resume=True`` (or ``"true"``, ``"yes"``, ``1``: a command-line ``--resume false`` means False, see
+    :func:`dgst_monai.config_values.flag`), when the run starts the latest state file is loaded into the same
+    objects with :class:`~dgst_monai.handlers.checkpoint_loader.SafeCheckpointLoader` (weights only, strict,
+    errors naming the file); the trainer then continues with the epoch after the saved one, and ``max_epochs``
+    stays the configured value (it must not be below the saved epoch). A missing state file is an error rather
+    than a silent fresh start. Temporary files of saves a kill interrupted are removed, and so are state files
+    the interrupted run had already replaced. Handlers attached later that also act when the run starts (e.g. a
+    ``CheckpointLoader`` of pre-trained weights) run after this one: disable them when resuming. Resuming is
+    meant for continuing the same run: saved objects keep their saved settings (e.g. the lr scheduler's length).
+
+    A kill at any moment loses at most the epoch under way: the previous state file stays until the next one is
+    complete (:class:`AtomicDiskSaver`). With a :class:`~dgst_monai.handlers.random_state.RandomState` in
+    ``save_dict`` the random streams are restored too, and on one process with deterministic operations the
+    resumed run ends with the weights of an uninterrupted one, bit for bit, provided that every epoch starts a
+    new pass over the data (``epoch_length`` a multiple of the loader's length, e.g. a ``RandomSampler`` with
+    ``num_samples = epoch_length * batch_size``): the position inside a pass is not saved, so otherwise a
+    warning says that the resumed run will differ.
 
     Under torch.distributed every rank loads and only rank 0 writes. Attach it on every rank: ignite's first
     distributed query is a collective operation (if other handlers query ignite on rank 0 only, call
@@ -147,7 +175,7 @@ class TrainingStateCheckpoint:
             raise ValueError(f"save_dict must not use the keys {reserved}: the handler adds them itself")
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
-        self.resume = bool(resume)
+        self.resume = flag(resume, "resume")
         self.interval = interval
         self.n_saved = n_saved
         self.prefix = prefix
@@ -184,12 +212,45 @@ class TrainingStateCheckpoint:
         )
         if saved_before is not None:  # the same trainer run again in this process
             self._checkpoint.load_state_dict(saved_before)
+        if idist.get_rank() == 0:
+            self._remove_interrupted_saves()
         if self.resume:
             self.load(engine)
+            if idist.get_rank() == 0:
+                self._remove_replaced_states()
+        self._check_data_passes(engine)
         # registered now, after every handler attached before it: the state is then saved after the other
         # end-of-epoch handlers (lr scheduler step, validation) have run
         if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def _remove_interrupted_saves(self) -> None:
+        if not self.save_dir.is_dir():
+            return
+        for leftover in remove_interrupted_writes(self.save_dir, f"{glob.escape(self.prefix)}_epoch=*.pt"):
+            self.logger.info(f"removed {leftover}, the temporary file of an interrupted save")
+
+    def _remove_replaced_states(self) -> None:
+        # a kill between writing a state and removing the one it replaced leaves both: keep what the state lists
+        assert self._checkpoint is not None
+        kept = {filename for _, filename in self._checkpoint.state_dict()["_saved"]}
+        pattern = re.compile(rf"{re.escape(self.prefix)}_epoch=\d+\.pt")
+        for path in self.save_dir.iterdir():
+            if pattern.fullmatch(path.name) and path.name not in kept:
+                path.unlink(missing_ok=True)
+                self.logger.info(f"removed {path}, a training state the interrupted run had replaced")
+
+    def _check_data_passes(self, engine: Engine) -> None:
+        if not any(isinstance(obj, RandomState) for obj in self.save_dict.values()):
+            return
+        batches, length = _batches_per_pass(engine), engine.state.epoch_length
+        if batches and length and length % batches:
+            self.logger.warning(
+                f"an epoch of {length} iterations ends inside a pass over the data ({batches} batches per pass): "
+                "a run resumed from a saved epoch starts a new pass and will not continue bit for bit; make the "
+                "epoch length a multiple of the batches per pass (e.g. a RandomSampler with num_samples = "
+                "epoch length x batch size)"
+            )
 
     def _objects(self, engine: Engine) -> dict[str, Any]:
         objects = dict(self.save_dict, trainer=engine)
@@ -214,8 +275,8 @@ class TrainingStateCheckpoint:
                 "run without resume to start from scratch, or point ckpt_dir at the interrupted run"
             )
         objects = dict(self._checkpoint.to_save, checkpointer=self._checkpoint)
-        # MONAI's loader: torch.load(weights_only=True), and it keeps the configured max_epochs
-        CheckpointLoader(load_path=str(path), load_dict=objects, map_location=self.map_location)(engine)
+        # weights only, strict, errors naming the file; the configured max_epochs stays
+        SafeCheckpointLoader(path, objects, map_location=self.map_location, name=self.logger.name)(engine)
         self.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
     def __call__(self, engine: Engine) -> None:

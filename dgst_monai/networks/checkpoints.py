@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dgst_monai.files import load_torch_file
 from dgst_monai.networks.adapters import injected_kind, rebuild_adapters
 from dgst_monai.networks.spatial_adapter import FOUNDATION, spatial_adapter_for_state
 
@@ -40,6 +41,8 @@ def checkpoint_state(checkpoint: Checkpoint) -> Mapping[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: ``checkpoint`` is a path that does not exist.
+        dgst_monai.files.UnsafeFileError: the file carries pickled objects beyond weights (refused unread).
+        dgst_monai.files.DamagedFileError: truncated or corrupt.
         ValueError: neither a flat state dict nor one with a ``"model"`` state dict.
 
     Example::
@@ -48,11 +51,8 @@ def checkpoint_state(checkpoint: Checkpoint) -> Mapping[str, torch.Tensor]:
     """
     source = "the given state dict"
     if not isinstance(checkpoint, Mapping):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        source = str(path)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        source = str(checkpoint)
+        checkpoint = load_torch_file(checkpoint, "checkpoint", map_location="cpu", mmap=True)
     if isinstance(checkpoint, Mapping) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
     model = checkpoint.get("model") if isinstance(checkpoint, Mapping) else None
@@ -87,7 +87,7 @@ def for_checkpoint(network: nn.Module, checkpoint: Checkpoint | None) -> nn.Modu
     Example::
 
         net = for_checkpoint(build_network("dynunet", deep_supervision=False), "tuned/model.pt")
-        net.load_state_dict(torch.load("tuned/model.pt", weights_only=True))
+        net.load_state_dict(checkpoint_state("tuned/model.pt"))
     """
     if checkpoint is None or (not isinstance(checkpoint, Mapping) and not Path(checkpoint).is_file()):
         return network

@@ -1,0 +1,66 @@
+"""Values typed on a ``python -m monai.bundle run`` command line, read as what they say.
+
+``python -m monai.bundle run`` reads every ``--key value`` with fire, which turns ``False`` into the bool
+False and ``0`` into the int 0 but leaves ``false`` or ``no`` as the *string* ``"false"`` / ``"no"``, and a
+non-empty string is true in Python: ``--resume false`` would resume. A bundle therefore never uses a boolean key
+directly but through :func:`flag`::
+
+    "resume": false,
+    ...
+    {"_target_": "dgst_monai.handlers.TrainingStateCheckpoint", "resume": "$dgst_monai.config_values.flag(@resume, 'resume')"}
+
+Example:
+    >>> from dgst_monai.config_values import flag
+    >>> [flag(v) for v in (False, "false", "False", "0", 0, "no", "off")]
+    [False, False, False, False, False, False, False]
+    >>> [flag(v) for v in (True, "true", "1", 1, "yes", "on")]
+    [True, True, True, True, True, True]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["FALSE_WORDS", "TRUE_WORDS", "flag"]
+
+#: Spellings read as True / False (compared in lower case, surrounding blanks ignored).
+TRUE_WORDS: frozenset[str] = frozenset({"true", "t", "yes", "y", "on", "1"})
+FALSE_WORDS: frozenset[str] = frozenset({"false", "f", "no", "n", "off", "0"})
+
+
+def flag(value: Any, name: str = "value") -> bool:
+    """``value`` as a bool: True / False, 1 / 0, or a word (``true``, ``yes``, ``on`` / ``false``, ``no``, ``off``).
+
+    Args:
+        value: what the config (or the command line through fire) holds.
+        name: the config key, for the error message.
+
+    Returns:
+        The boolean meant.
+
+    Raises:
+        ValueError: anything else (``2``, ``"maybe"``, ``None``, a list, ...), with the accepted spellings: a
+            typo must stop the run rather than silently pick one.
+
+    Example::
+
+        flag("False", "amp")   # False
+        flag("yes", "mirror")  # True
+    """
+    if isinstance(value, bool):
+        return value
+    # numpy / torch scalars and plain ints: only exactly 0 or 1 (bool() of 2 is true, but 2 is no yes/no answer)
+    if not isinstance(value, str) and hasattr(value, "__index__"):
+        number = value.__index__()
+        if number in (0, 1):
+            return bool(number)
+    elif isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ValueError(
+        f"{name} must be true or false, got {value!r}; write one of "
+        f"{', '.join(sorted(TRUE_WORDS))} or {', '.join(sorted(FALSE_WORDS))} (e.g. --{name} false)"
+    )
