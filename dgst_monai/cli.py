@@ -29,12 +29,17 @@ from typing import Any
 import fire
 
 from dgst_monai.data.commands import DataCommands
+from dgst_monai.protocol.commands import BenchmarkCommands
 
 __all__ = ["CommandLineError", "Commands", "check_command_line", "main"]
 
 
 class Data(DataCommands):
     """Datasets: synthetic CT phantoms, indexing a download, validation, few-shot splits, dataset cards."""
+
+
+class Benchmark(BenchmarkCommands):
+    """The paper's protocol: methods x shots x seeds, DSC / NSD / lymph-node metrics; ``benchmark report DIR``."""
 
 
 class Delta:
@@ -63,6 +68,7 @@ class Commands:
     def __init__(self) -> None:
         self.data = Data()
         self.delta = Delta()
+        self.benchmark = Benchmark()
 
     def demo(self, *, output: str | None = None, preset: str = "default", shots: int = 5, seed: int = 0) -> None:
         """Synthesise CT, pre-train a small foundation model, fine-tune it (full vs DGST) on ``shots`` target

@@ -1,0 +1,133 @@
+"""The benchmark's plots (matplotlib, PNG): DSC vs shots, gamma sensitivity, DSC vs iteration time, budget curves.
+
+Each plot is drawn only when the run has its cells; error bars are the summaries' ``dice_std`` (over test cases
+for one seed, over the seeds' means for several).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dgst_monai.files import atomic_open
+from dgst_monai.protocol.grid import FOUNDATION
+
+__all__ = ["pyplot", "save_png", "write_plots"]
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (a clear error if matplotlib is missing)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the benchmark's plots need matplotlib: pip install 'dgst-monai[benchmark]'") from None
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as PNG (atomically) and close it."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
+def _finals(summary: Sequence[Mapping[str, Any]], method: str, gamma: int | None) -> list[Mapping[str, Any]]:
+    return sorted((s for s in summary if s["final"] and s["method"] == method and s["gamma"] == gamma),
+                  key=lambda s: s["shots"])
+
+
+def write_plots(
+    out: Path, summary: Sequence[Mapping[str, Any]], *, grid: Mapping[str, Any], table_gamma: int, sparse: set[str]
+) -> list[Path]:
+    """Write the plots the run's cells allow into ``out``; returns their paths.
+
+    Args:
+        out: run folder.
+        summary: :func:`dgst_monai.protocol.report.summarize_cells` rows.
+        grid: the run's grid (``methods``, ``ablation``, ``gammas``, ``shots``).
+        table_gamma: gamma of the sparse methods in the tables.
+        sparse: the methods that take a gamma.
+    """
+    plt = pyplot()
+    written: list[Path] = []
+    methods = [m for m in [*grid["methods"], *grid["ablation"]] if m != FOUNDATION]
+    methods = list(dict.fromkeys(methods))
+    gamma_of = {m: table_gamma if m in sparse else None for m in methods}
+
+    lines = {m: _finals(summary, m, gamma_of[m]) for m in methods}
+    lines = {m: rows for m, rows in lines.items() if rows}
+    if lines:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for m, rows in lines.items():
+            ax.errorbar([r["shots"] for r in rows], [100 * r["dice_mean"] for r in rows],
+                        yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=rows[0]["label"])
+        foundation = [s for s in summary if s["method"] == FOUNDATION]
+        if foundation:
+            ax.axhline(100 * foundation[0]["dice_mean"], color="grey", linestyle=":", label="Foundation")
+        ax.set(xlabel="annotated target cases (shots)", ylabel="DSC (%)", title="DSC vs shots")
+        ax.set_xticks(sorted({r["shots"] for rows in lines.values() for r in rows}))
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(alpha=0.3)
+        written.append(save_png(fig, out / "dsc_vs_shots.png"))
+
+    gammas = sorted({s["gamma"] for s in summary if s["method"] == "dgst" and s["final"] and s["gamma"]})
+    if grid["gammas"] and len(gammas) > 1:
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        for k in sorted({s["shots"] for s in summary if s["method"] == "dgst"}):
+            rows = sorted((s for s in summary if s["method"] == "dgst" and s["final"] and s["shots"] == k),
+                          key=lambda s: s["gamma"])
+            ax.errorbar([r["gamma"] for r in rows], [100 * r["dice_mean"] for r in rows],
+                        yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=f"{k} shots")
+        ax.set_xscale("log")
+        ax.set_xticks(gammas, [str(g) for g in gammas])
+        ax.minorticks_off()
+        ax.set(xlabel="γ (entries kept per filter)", ylabel="DSC (%)", title="DGST: sensitivity to γ")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        written.append(save_png(fig, out / "gamma_sensitivity.png"))
+
+    timed = [s for m in lines for s in lines[m] if math.isfinite(s["median_s_per_iteration"])]
+    if timed:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        shots = sorted({s["shots"] for s in timed})
+        markers = "osD^vP*X"
+        colours = {m: f"C{i % 10}" for i, m in enumerate(lines)}
+        for s in timed:
+            ax.scatter(s["median_s_per_iteration"], 100 * s["dice_mean"], color=colours[s["method"]],
+                       marker=markers[shots.index(s["shots"]) % len(markers)])
+        for m in lines:
+            ax.scatter([], [], color=colours[m], marker="o", label=lines[m][0]["label"])
+        for i, k in enumerate(shots):
+            ax.scatter([], [], color="black", marker=markers[i % len(markers)], label=f"{k} shots")
+        ax.set(xlabel="median seconds per training iteration", ylabel="DSC (%)", title="DSC vs iteration time")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        written.append(save_png(fig, out / "dsc_vs_iteration_time.png"))
+
+    swept = {(s["method"], s["gamma"]) for s in summary if not s["final"]}
+    if swept:
+        shots = sorted({s["shots"] for s in summary if s["method"] != FOUNDATION})
+        fig, axes = plt.subplots(1, len(shots), figsize=(5.0 * len(shots), 4.0), squeeze=False)
+        for ax, k in zip(axes[0], shots):
+            for method, gamma in sorted(swept, key=lambda mg: methods.index(mg[0]) if mg[0] in methods else 99):
+                rows = sorted((s for s in summary if s["method"] == method and s["gamma"] == gamma
+                               and s["shots"] == k), key=lambda s: s["iteration"])
+                if rows:
+                    label = rows[0]["label"] + (f" γ={gamma}" if gamma not in (None, table_gamma) else "")
+                    ax.errorbar([r["iteration"] for r in rows], [100 * r["dice_mean"] for r in rows],
+                                yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=label)
+            ax.set_xscale("log")
+            ticks = sorted({s["iteration"] for s in summary if s["method"] != FOUNDATION})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
+            ax.set(xlabel="fine-tuning iterations", ylabel="DSC (%)", title=f"Budget sweep, {k}-shot")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        written.append(save_png(fig, out / "dsc_vs_iterations.png"))
+    return written

@@ -1,0 +1,388 @@
+"""The benchmark's outputs: merged per-case CSV, summary CSV, ``report.md`` in the paper's layout, plots, figure.
+
+:func:`write_report` reads whatever cells of a run folder have finished (``cells/*/result.json``), so it works
+on a run in progress, a killed one, or one whose cells ran on a cluster (``dgst-monai benchmark report DIR``).
+
+Summaries group the cells of one method, shot level and gamma over their seeds, at each scored iteration:
+DSC and NSD are the mean of the per-seed means, with the standard deviation over test cases (one seed, the
+paper's "mean +- std") or over the seeds' means (several seeds); node-level detection is pooled over every
+case of every seed (:func:`dgst_monai.metrics.summarize_nodes`). Tables mark, per shot level (column), the best
+value in bold and the second underlined (``<ins>``), comparing the values as printed.
+
+Example::
+
+    from dgst_monai.protocol.report import write_report
+    write_report("runs/bench")  # runs/bench/report.md
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dgst_monai.files import atomic_open, atomic_write, read_json
+from dgst_monai.metrics import summarize_nodes
+from dgst_monai.protocol.cell import PER_CASE_FILE, RESULT_FILE
+from dgst_monai.protocol.grid import FOUNDATION, method_label
+
+__all__ = ["format_table", "load_results", "rank_marks", "summarize_cells", "write_report"]
+
+#: Summary columns of the node-level metrics (pooled over cases and seeds).
+NODE_COLUMNS = (
+    "node_recall", "node_recall_lt10", "node_recall_ge10", "node_precision", "node_f1", "node_f1_ge10",
+    "fp_per_volume", "abs_volume_error_ml", "rel_volume_error",
+)
+
+
+def load_results(out: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The finished cells of a run folder: their ``result.json`` and their per-case rows (CSV strings)."""
+    results, rows = [], []
+    for folder in sorted((Path(out) / "cells").glob("*")):
+        if not (folder / RESULT_FILE).is_file():
+            continue
+        results.append(read_json(folder / RESULT_FILE, "cell result"))
+        with open(folder / PER_CASE_FILE, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return results, rows
+
+
+def _float(text: Any) -> float:
+    return math.nan if text in ("", None) else float(text)
+
+
+def summarize_cells(
+    results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """One summary row per (method, shots, gamma, iteration): metrics over cases and seeds, and the cells' costs.
+
+    Rows come foundation first, then by the method order ``order`` (others after, by name), shots, gamma and
+    iteration.
+
+    Columns: ``method, label, shots, gamma, iteration, final, n_seeds, n_cases``; per metric ``m`` in dice and
+    nsd_1mm ``m_mean`` (mean of the seeds' means), ``m_std_cases`` (std over all cases, ddof 0) and
+    ``m_std_seeds`` (std of the seeds' means, ddof 0; NaN for one seed), ``m_std`` (the one the tables show);
+    the pooled node metrics (:data:`NODE_COLUMNS`); and, over the seeds' cells, ``median_s_per_iteration``,
+    ``median_cpu_s_per_iteration``, ``trainable_fraction``, ``step_bound_fraction`` (most entries one step can
+    change), ``changed_fraction``, ``peak_rss_mb``, ``cell_wall_s``.
+    """
+    by_cell = {r["id"]: r for r in results}
+    groups: dict[tuple[str, int, Any, int], list[Mapping[str, str]]] = {}
+    for row in rows:
+        gamma = None if row["gamma"] == "" else int(row["gamma"])
+        groups.setdefault((row["method"], int(row["shots"]), gamma, int(row["iteration"])), []).append(row)
+    out = []
+    for (method, shots, gamma, iteration), group in groups.items():
+        cells = sorted({r["cell"] for r in group})
+        info = [by_cell[c] for c in cells]
+        summary: dict[str, Any] = {
+            "method": method,
+            "label": method_label(method),
+            "shots": shots,
+            "gamma": gamma,
+            "iteration": iteration,
+            "final": iteration == info[0]["iterations"],
+            "n_seeds": len(cells),
+            "n_cases": len(group),
+        }
+        for metric in ("dice", "nsd_1mm"):
+            values = [float(r[metric]) for r in group]
+            seed_means = [statistics.fmean(float(r[metric]) for r in group if r["cell"] == c) for c in cells]
+            summary[f"{metric}_mean"] = statistics.fmean(seed_means)
+            summary[f"{metric}_std_cases"] = statistics.pstdev(values)
+            summary[f"{metric}_std_seeds"] = statistics.pstdev(seed_means) if len(cells) > 1 else math.nan
+            summary[f"{metric}_std"] = summary[f"{metric}_std_seeds" if len(cells) > 1 else f"{metric}_std_cases"]
+        nodes = summarize_nodes([{k: _float(v) for k, v in r.items() if k not in ("cell", "method", "case_id")}
+                                 for r in group])
+        summary.update({k: nodes[k] for k in NODE_COLUMNS})
+        for key in ("median_s_per_iteration", "median_cpu_s_per_iteration", "cell_wall_s"):
+            values = [c["timing"][key] for c in info if c["timing"].get(key) is not None]
+            summary[key] = statistics.median(values) if values else math.nan
+        for key in ("trainable_fraction", "step_bound_fraction", "changed_fraction"):
+            values = [c["parameters"][key] for c in info if c["parameters"].get(key) is not None]
+            summary[key] = statistics.fmean(values) if values else math.nan
+        summary["peak_rss_mb"] = max(c["peak_rss_mb"] for c in info)
+        out.append(summary)
+    rank = {m: i for i, m in enumerate([FOUNDATION, *order])}
+    out.sort(key=lambda s: (rank.get(s["method"], len(rank)), s["method"], s["shots"], s["gamma"] or 0,
+                            s["iteration"]))
+    return out
+
+
+def rank_marks(values: Sequence[float | None], higher_is_better: bool = True, digits: int = 2) -> list[str]:
+    """``"best"``, ``"second"`` or ``""`` per value, comparing the values rounded to ``digits`` (as printed).
+
+    Ties share their rank (two equal best values are both bold, and the next value is second); None or NaN
+    values are not ranked.
+
+    Example:
+        >>> rank_marks([0.61, 0.70, 0.65])
+        ['', 'best', 'second']
+    """
+    shown = [None if v is None or not math.isfinite(v) else round(v, digits) for v in values]
+    distinct = sorted({v for v in shown if v is not None}, reverse=higher_is_better)
+    rank = {v: "best" if i == 0 else "second" if i == 1 else "" for i, v in enumerate(distinct)}
+    return ["" if v is None else rank[v] for v in shown]
+
+
+def _mark(text: str, mark: str) -> str:
+    return f"**{text}**" if mark == "best" else f"<ins>{text}</ins>" if mark == "second" else text
+
+
+def format_table(
+    header: Sequence[str],
+    rows: Sequence[tuple[str, Sequence[tuple[float | None, float | None]]]],
+    *,
+    scale: float | Sequence[float] = 100.0,
+    digits: int | Sequence[int] = 2,
+    ranked: Sequence[bool] | None = None,
+    higher_is_better: bool = True,
+) -> str:
+    """A Markdown table: a name column, then ``mean +- std`` cells; per ranked column best bold, second underlined.
+
+    Args:
+        header: column titles (the first is the name column's).
+        rows: ``(name, [(mean, std), ...])``; a mean of None or NaN prints as an empty cell, a std of None or NaN
+            is left out.
+        scale: factor for printing (100: fractions as %), one for all value columns or one per column.
+        digits: decimals printed (and compared), one for all or one per column.
+        ranked: which value columns to mark (default: all).
+        higher_is_better: whether the best is the largest.
+
+    Example:
+        >>> print(format_table(["method", "5-shot"], [("Full", [(0.6, 0.1)]), ("DGST", [(0.7, 0.05)])]))
+        | method | 5-shot |
+        |---|---|
+        | Full | <ins>60.00</ins> ± 10.00 |
+        | DGST | **70.00** ± 5.00 |
+    """
+    n_cols = len(header) - 1
+    scales = [float(scale)] * n_cols if isinstance(scale, (int, float)) else [float(v) for v in scale]
+    decimals = [int(digits)] * n_cols if isinstance(digits, int) else [int(v) for v in digits]
+    ranked = [True] * n_cols if ranked is None else list(ranked)
+    if not len(scales) == len(decimals) == len(ranked) == n_cols or any(len(r[1]) != n_cols for r in rows):
+        raise ValueError(f"format_table: {n_cols} value columns in the header, but rows, scales or digits differ")
+    marks = [
+        rank_marks([None if r[1][c][0] is None else r[1][c][0] * scales[c] for r in rows], higher_is_better,
+                   decimals[c])
+        if ranked[c] else [""] * len(rows)
+        for c in range(n_cols)
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, (name, cells) in enumerate(rows):
+        texts = []
+        for c, (mean, std) in enumerate(cells):
+            if mean is None or not math.isfinite(mean):
+                texts.append("")
+                continue
+            text = _mark(f"{mean * scales[c]:.{decimals[c]}f}", marks[c][i])
+            if std is not None and math.isfinite(std):
+                text += f" ± {std * scales[c]:.{decimals[c]}f}"
+            texts.append(text)
+        lines.append("| " + " | ".join([name, *texts]) + " |")
+    return "\n".join(lines)
+
+
+def _lookup(summary: Sequence[Mapping[str, Any]]) -> Callable[..., Mapping[str, Any] | None]:
+    index = {(s["method"], s["shots"], s["gamma"], s["iteration"]): s for s in summary}
+    finals = {(s["method"], s["shots"], s["gamma"]): s for s in summary if s["final"]}
+
+    def get(method: str, shots: int, gamma: int | None, iteration: int | None = None) -> Mapping[str, Any] | None:
+        if iteration is None:
+            return finals.get((method, shots, gamma))
+        return index.get((method, shots, gamma, iteration))
+
+    return get
+
+
+def _table_gamma(method: str, table_gamma: int, sparse: set[str]) -> int | None:
+    return table_gamma if method in sparse else None
+
+
+def write_report(out: str | os.PathLike[str]) -> Path:
+    """Write ``per_case.csv``, ``summary.csv``, ``report.md``, the plots and the qualitative figure of a run.
+
+    Args:
+        out: the run folder (``benchmark.json`` and ``cells/``).
+
+    Returns:
+        The path of ``report.md``.
+
+    Raises:
+        FileNotFoundError: ``out`` has no ``benchmark.json``.
+        ValueError: no cell has finished yet.
+    """
+    from dgst_monai.protocol import figure, plots
+
+    out = Path(out)
+    state = read_json(out / "benchmark.json", "benchmark state")
+    results, rows = load_results(out)
+    if not results:
+        raise ValueError(f"{out}: no finished cell yet (cells/*/result.json): nothing to report")
+    grid, protocol = state["grid"], state["protocol"]
+    _write_csv(out / "per_case.csv", rows)
+    summary = summarize_cells(results, rows, order=[*grid["methods"], *grid["ablation"]])
+    _write_csv(out / "summary.csv", summary)
+
+    get = _lookup(summary)
+    shots = sorted({int(k) for k in grid["shots"]})
+    sparse = {r["cell"]["method"] for r in results if r["cell"].get("gamma") is not None}
+    table_gamma = int(read_json(Path(protocol["bundle"]) / "configs" / "finetune.json", "finetune config")["gamma"])
+    methods = [m for m in grid["methods"] if any(get(m, k, _table_gamma(m, table_gamma, sparse)) for k in shots)]
+    ablation = [m for m in dict.fromkeys(["full", *grid["ablation"], "dgst"])
+                if grid["ablation"] and any(get(m, k, _table_gamma(m, table_gamma, sparse)) for k in shots)]
+    uses_seeds = len(grid["seeds"]) > 1
+    spread = "std over the seeds' means" if uses_seeds else "std over test cases"
+    found = get(FOUNDATION, 0, None)
+    n_test = max(s["n_cases"] // s["n_seeds"] for s in summary)
+    schedule = state["schedule"]
+
+    def metric_rows(names: Sequence[str], key: str, std: bool = True) -> list[tuple[str, list[Any]]]:
+        table = []
+        for m in names:
+            cells = []
+            for k in shots:
+                s = get(m, k, _table_gamma(m, table_gamma, sparse))
+                cells.append((None, None) if s is None else (s[f"{key}_mean" if std else key],
+                                                            s[f"{key}_std"] if std else None))
+            table.append((method_label(m), cells))
+        return table
+
+    def reference(key: str, std: bool = True, scale: float = 100.0) -> str:
+        if found is None:
+            return ""
+        value = found[f"{key}_mean" if std else key]
+        if value is None or not math.isfinite(value):
+            return ""
+        tail = f" ± {found[f'{key}_std'] * scale:.2f}" if std else ""
+        return f"\nFoundation model without fine-tuning: {value * scale:.2f}{tail}.\n"
+
+    shot_header = [f"{k}-shot" for k in shots]
+    lines = [
+        "# Benchmark report",
+        "",
+        f"- Target: {state['target']}; split: splits.json ({n_test} test cases, seeded 8:2).",
+        f"- Preset `{state['preset']}`; every method {schedule['max_epochs']} epochs x "
+        f"{schedule['iterations_per_epoch']} iterations = {protocol['iterations']} iterations from the same "
+        f"foundation checkpoint (sha256 {protocol['foundation_sha256'][:12]}); the final checkpoint is scored.",
+        f"- Seeds: {', '.join(map(str, grid['seeds']))}; values are mean ± {spread}, in %.",
+        f"- Cells finished: {len(results)}. Executor: {state['executor']}, threads per cell: "
+        f"{state.get('threads') or 'torch default'}."
+        + (f" Command: `{state['command']}`" if state.get("command") else ""),
+        "- Per shot level, the best value is **bold** and the second <ins>underlined</ins>.",
+        "",
+    ]
+    if methods:
+        lines += ["## Table 1: DSC (%)", "", format_table(["Method", *shot_header], metric_rows(methods, "dice")),
+                  reference("dice")]
+        lines += ["## NSD at 1 mm (%)", "", format_table(["Method", *shot_header], metric_rows(methods, "nsd_1mm")),
+                  reference("nsd_1mm")]
+        lines += ["## Lymph-node detection (pooled over the test cases' nodes)", ""]
+        for key, title, higher in (
+            ("node_f1", "Node F1 (%)", True),
+            ("node_recall_ge10", "Recall of nodes >= 10 mm short axis (%)", True),
+            ("node_recall_lt10", "Recall of nodes < 10 mm short axis (%)", True),
+            ("node_precision", "Node precision (%)", True),
+            ("fp_per_volume", "False-positive components per volume", False),
+            ("rel_volume_error", "Relative volume error |V_pred - V_ref| / V_ref (%)", False),
+        ):
+            scale = 1.0 if key == "fp_per_volume" else 100.0
+            table = metric_rows(methods, key, std=False)
+            if not any(mean is not None and math.isfinite(mean) for _, cells in table for mean, _ in cells):
+                continue  # e.g. no reference node of that size in the test split
+            lines += [f"### {title}", "",
+                      format_table(["Method", *shot_header], table, scale=scale, higher_is_better=higher),
+                      reference(key, std=False, scale=scale)]
+    if ablation:
+        header = ["Method", *[f"DSC {k}-shot" for k in shots], "s / iteration", "trainable %", "updated / step %",
+                  "changed %", "peak RSS (GB)"]
+        table = []
+        for m in ablation:
+            s_final = [get(m, k, _table_gamma(m, table_gamma, sparse)) for k in shots]
+            cost = next(s for s in s_final if s is not None)
+            table.append((method_label(m), [
+                *[(None, None) if s is None else (s["dice_mean"], s["dice_std"]) for s in s_final],
+                (cost["median_s_per_iteration"], None), (cost["trainable_fraction"], None),
+                (cost["step_bound_fraction"], None), (cost["changed_fraction"], None), (cost["peak_rss_mb"], None),
+            ]))
+        n = len(shots)
+        lines += ["## Table 2: ablation", "",
+                  format_table(header, table, scale=[100.0] * n + [1.0, 100.0, 100.0, 100.0, 1 / 1024],
+                               digits=[2] * n + [3, 4, 4, 4, 2], ranked=[True] * n + [False] * 5),
+                  "", "s / iteration: median wall time of a training iteration (batch loading, step, selection). "
+                  "Percentages are of the foundation network's entries: trainable (requires_grad, with added "
+                  "adapter / LoRA entries), the most one step can update, and those that differ after "
+                  "fine-tuning.", ""]
+    gammas = sorted({r["cell"]["gamma"] for r in results if r["cell"]["method"] == "dgst" and r["cell"]["gamma"]})
+    if grid["gammas"] and gammas:
+        table = [(f"DGST γ = {g}", [(s["dice_mean"], s["dice_std"]) if (s := get("dgst", k, g)) else (None, None)
+                                    for k in shots]) for g in gammas]
+        lines += ["## Gamma sensitivity: DGST DSC (%)", "", format_table(["γ", *shot_header], table), ""]
+    budgets = sorted({s["iteration"] for s in summary if s["method"] != FOUNDATION})
+    if protocol["eval_at"]:
+        lines += ["## Budget sweep: DSC (%) after N iterations of the same runs", "",
+                  "The checkpoints of one run at each iteration count (the learning rate follows the whole run's "
+                  "poly schedule, so earlier checkpoints are not runs of that length).", ""]
+        swept = [m for m in dict.fromkeys(s["method"] for s in summary) if m != FOUNDATION]
+        for k in shots:
+            table = []
+            for m in swept:
+                g = _table_gamma(m, table_gamma, sparse)
+                cells = [(s["dice_mean"], s["dice_std"]) if (s := get(m, k, g, it)) else (None, None)
+                         for it in budgets]
+                if any(c[0] is not None for c in cells):
+                    table.append((method_label(m), cells))
+            lines += [f"### {k}-shot", "", format_table(["Method", *[f"{it} it" for it in budgets]], table), ""]
+    lines += ["## Cost per cell", "", _cost_table(summary), ""]
+
+    figures = plots.write_plots(out, summary, grid=grid, table_gamma=table_gamma, sparse=sparse)
+    qualitative = figure.write_qualitative(out, state, table_gamma=table_gamma, sparse=sparse)
+    if qualitative is not None or (out / "qualitative.png").is_file():  # kept if the images moved away since
+        figures.append(out / "qualitative.png")
+    if figures:
+        lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+    lines += ["Files: per_case.csv (every case of every cell and scored iteration), summary.csv (the groups above).",
+              ""]
+    return atomic_write(out / "report.md", "\n".join(lines))
+
+
+def _cost_table(summary: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| Method | shots | γ | s / it | CPU s / it | trainable % | updated / step % | changed % | "
+             "peak RSS (GB) | cell (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        if not s["final"]:
+            continue
+
+        def num(v: float, fmt: str) -> str:
+            return "" if v is None or not math.isfinite(v) else format(v, fmt)
+
+        lines.append(
+            f"| {s['label']} | {s['shots'] or ''} | {s['gamma'] or ''} | {num(s['median_s_per_iteration'], '.3f')} | "
+            f"{num(s['median_cpu_s_per_iteration'], '.3f')} | {num(100 * s['trainable_fraction'], '.4f')} | "
+            f"{num(100 * s['step_bound_fraction'], '.4f')} | {num(100 * s['changed_fraction'], '.4f')} | "
+            f"{num(s['peak_rss_mb'] / 1024, '.2f')} | "
+            f"{num(s['cell_wall_s'] / 60, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with atomic_open(path, newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_text(row.get(c)) for c in columns])
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
