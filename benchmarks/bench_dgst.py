@@ -299,7 +299,7 @@ class ModeTrainer:
 
 
 def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
@@ -329,7 +329,7 @@ def reset_peak_rss() -> bool:
     training peak) would hide the training peak. Resets ``VmHWM``.
     """
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
         return True
     except OSError:
@@ -549,7 +549,7 @@ def bench_memory_with(args: argparse.Namespace, modes: list[Mode], allocator: st
     for m in modes:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", m.name, *forwarded]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"memory worker {m.name} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"\nwall time {result['wall_s']:.0f} s; load average start {result['loadavg_start']}, "
           f"end {result['loadavg_end']}")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
     return result
 

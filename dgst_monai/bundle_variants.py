@@ -110,17 +110,17 @@ def _set(config: dict[str, Any], key: str, value: Any, where: str) -> None:
 def _apply(path: Path, changes: dict[str, Any]) -> None:
     where = str(path)
     if path.suffix == ".json":
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
         for key, value in changes.items():
             _set(config, key, value, where)
-        path.write_text(format_config(config))
+        path.write_text(format_config(config), encoding="utf-8")
         return
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     for old, new in changes.items():
         if text.count(old) != 1:
             raise ValueError(f"{where}: {old!r} occurs {text.count(old)} times in the source, expected once")
         text = text.replace(old, new)
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
 
 
 def write_variant(bundles: str | Path, name: str) -> Path:

@@ -135,7 +135,7 @@ def run_demo(
         )
         step(f"evaluating {method} on the held-out target cases")
         rows[f"{method} ({shots}-shot)"] = _evaluate(bundle, preset_configs, target, tuned, common)
-    (run_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    (run_dir / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     step("done")
     print(format_table(rows))
     return rows
@@ -143,7 +143,7 @@ def run_demo(
 
 def _evaluate(bundle: Path, configs: list[str], datalist: str, ckpt_dir: Path, common: dict[str, Any]) -> dict:
     run_bundle(bundle, [*configs, "evaluate.json"], datalist=datalist, ckpt_dir=str(ckpt_dir), **common)
-    return json.loads((ckpt_dir / "eval" / "summary.json").read_text())
+    return json.loads((ckpt_dir / "eval" / "summary.json").read_text(encoding="utf-8"))
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:

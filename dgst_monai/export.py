@@ -384,7 +384,7 @@ def _merged(root: Path, config: str, overlay: Mapping[str, Any], only_known: boo
     """``configs/<config>.json`` (as written, not re-spelled by a parser) with ``overlay`` merged; with
     ``only_known`` just the overlay entries whose top-level key the config already has."""
     path = root / "configs" / f"{config}.json"
-    content = json.loads(path.read_text())
+    content = json.loads(path.read_text(encoding="utf-8"))
     for key, value in overlay.items():
         if not only_known or re.split(r"#|::", key.lstrip("+"))[0] in content:
             try:
@@ -451,7 +451,7 @@ def _data_name(datalist: Any) -> str:
     """A dataset's name for the changelog: its datalist's ``name``, else its folder's name (never a full path)."""
     path = Path(str(datalist))
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        name = json.loads(path.read_text()).get("name")
+        name = json.loads(path.read_text(encoding="utf-8")).get("name")
         if isinstance(name, str) and name:
             return name
     return path.parent.name if path.suffix == ".json" else path.name
@@ -600,7 +600,7 @@ def _is_preset_overlay(path: Path) -> bool:
     if path.stem in (*_NETWORK_CONFIGS, "metadata"):
         return False
     with contextlib.suppress(OSError, ValueError):
-        return "preset" in json.loads(path.read_text())
+        return "preset" in json.loads(path.read_text(encoding="utf-8"))
     return False
 
 
@@ -771,7 +771,7 @@ def export_bundle(
         entry += f"; evaluation: {_evaluation_text(summary)}"
     raw = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     state = checkpoint_state(raw)
-    others = " ".join(p.read_text() for p in (root / "configs").glob("*.json") if p.stem not in configs)
+    others = " ".join(p.read_text(encoding="utf-8") for p in (root / "configs").glob("*.json") if p.stem not in configs)
 
     with _scratch() as scratch:
         stage = scratch / out.stem
@@ -794,7 +794,7 @@ def export_bundle(
         _inference_network(stage)  # the checkpoint fits, before the slower steps
         how = _write_torchscript(stage, [1, channels, *patch])
         readme = stage / "docs" / "README.md"
-        source_readme = readme.read_text() if readme.is_file() else f"# {metadata.get('name', out.stem)}\n"
+        source_readme = readme.read_text(encoding="utf-8") if readme.is_file() else f"# {metadata.get('name', out.stem)}\n"
         atomic_write(readme, _readme(source_readme, new_version, entry + f". models/model.ts is {how}."))
         atomic_write(stage / "large_files.yml", _large_files_yml(stage, weights_url))
 

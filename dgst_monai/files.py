@@ -242,7 +242,7 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
     if not file.is_file():
         raise FileNotFoundError(f"{what} {file} does not exist")
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{what} {file} is not valid JSON: {err}") from None
 

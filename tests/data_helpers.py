@@ -121,7 +121,7 @@ def write_datalist(
 ) -> Path:
     """A MONAI datalist JSON (paths as given)."""
     content = {"labels": {"0": "background", "1": "lymph_node"}, "training": training, "test": test or [], **extra}
-    path.write_text(json.dumps(content, indent=2))
+    path.write_text(json.dumps(content, indent=2), encoding="utf-8")
     return path
 
 

@@ -103,7 +103,7 @@ def copy_bundle(dest: Path, bundle: str = "ln_ct_dynunet") -> Path:
     root = dest / bundle
     shutil.copytree(BUNDLES / bundle, root, ignore=shutil.ignore_patterns("models", "eval", "data", "__pycache__"))
     for name, overlay in OVERLAYS.items():
-        (root / "configs" / f"pending_{name}.json").write_text(json.dumps(overlay, indent=2))
+        (root / "configs" / f"pending_{name}.json").write_text(json.dumps(overlay, indent=2), encoding="utf-8")
     return root
 
 

@@ -120,7 +120,7 @@ def test_final_model_is_written_on_completion_only(tmp_path: Path) -> None:
 def test_remove_interrupted_writes_only_takes_temporaries_of_the_name(tmp_path: Path) -> None:
     names = [".model.pt.0123456789ab.tmp", ".model.pt.xyz.tmp", ".other.pt.0123456789ab.tmp", "model.pt", "notes.tmp"]
     for name in names:
-        (tmp_path / name).write_text("x")
+        (tmp_path / name).write_text("x", encoding="utf-8")
     assert [p.name for p in remove_interrupted_writes(tmp_path, "model.pt")] == [".model.pt.0123456789ab.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
 

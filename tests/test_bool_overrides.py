@@ -60,7 +60,7 @@ def test_training_state_handler_reads_a_typed_false(tmp_path: Path) -> None:
 def _finetune_configs(tmp_path: Path) -> tuple[Path, list[str]]:
     root = copy_bundle(tmp_path)
     probe = tmp_path / "probe.json"
-    probe.write_text(json.dumps(PROBE))
+    probe.write_text(json.dumps(PROBE), encoding="utf-8")
     return root, config_list(root, "train", "finetune") + [str(probe)]
 
 
@@ -80,7 +80,7 @@ def test_command_line_false_words_turn_resume_mirror_amp_and_size_prior_off(tiny
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(out.read_text()) == {
+    assert json.loads(out.read_text(encoding="utf-8")) == {
         "resume": False,
         "loads_foundation": True,  # not resuming: the foundation weights are loaded
         "trainer_amp": False,

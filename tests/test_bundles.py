@@ -50,7 +50,7 @@ README_SECTIONS = (
 
 
 def _load(bundle: str, name: str) -> dict:
-    return json.loads((BUNDLES / bundle / "configs" / f"{name}.json").read_text())
+    return json.loads((BUNDLES / bundle / "configs" / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def _has(config: dict, key: str) -> bool:
@@ -97,9 +97,9 @@ def test_layout_keys_and_metadata(bundle):
     assert "synthetic" in meta["eval_metrics_details"].lower()
 
     # no weights are published: no link to a made-up address
-    large = (root / "large_files.yml").read_text()
+    large = (root / "large_files.yml").read_text(encoding="utf-8")
     assert re.search(r"^large_files: \[\]$", large, flags=re.M) and "://" not in large
-    readme = (root / "docs" / "README.md").read_text()
+    readme = (root / "docs" / "README.md").read_text(encoding="utf-8")
     headings = re.findall(r"^#+ (.+)$", readme, flags=re.M)
     assert [s for s in README_SECTIONS if s not in headings] == []
     assert "torchrun" in readme and "--nnodes" in readme and "--rdzv-backend c10d" in readme
@@ -159,10 +159,10 @@ def test_train_finetune_evaluate_infer_like_the_model_zoo(bundle, tiny_ct, tmp_p
     evaluation = run_like_model_zoo(
         bundle, ["train", "evaluate"], "eval", datalist=tiny_ct.mediastinum, ckpt_dir=str(tuned), **net, **TINY_RUN
     )
-    with open(tuned / "eval" / "per_case_metrics.csv") as f:
+    with open(tuned / "eval" / "per_case_metrics.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == ["mediastinum_0002"]
-    summary = json.loads((tuned / "eval" / "summary.json").read_text())
+    summary = json.loads((tuned / "eval" / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 1 and 0.0 <= summary["nsd_1mm"]["mean"] <= 1.0
     # evaluated in the original image space: the label the metrics saw has the original grid
     label = evaluation.parser.get_parsed_content("evaluator").state.output[0]["label"]

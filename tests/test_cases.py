@@ -67,7 +67,7 @@ def test_one_id_in_loading_few_shot_splits_and_checks(tmp_path: Path) -> None:
     shots = few_shot(load_split(tmp_path / "splits.json", "training"), 2, seed=0)
     assert [c["case_id"] for c in shots] == splits["few_shot"]["0"]["2"]
     assert sorted(c["case_id"] for c in splits["training"] + splits["test"]) == ids
-    assert json.loads((tmp_path / "splits.json").read_text())["few_shot"] == splits["few_shot"]
+    assert json.loads((tmp_path / "splits.json").read_text(encoding="utf-8"))["few_shot"] == splits["few_shot"]
     assert check_datalist(datalist) == []  # in particular: no duplicate ids although every stem is "image"
 
     write_datalist(tmp_path / "twice.json", [training[0], dict(training[0])])

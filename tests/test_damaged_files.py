@@ -206,7 +206,7 @@ def test_training_refuses_the_truncated_upload(tmp_path: Path, tiny_ct: Any) -> 
     """The bundle's training (pending overlay: SimpleITK reader) stops while caching, naming the file."""
     import json
 
-    content = json.loads(Path(tiny_ct.hn).read_text())
+    content = json.loads(Path(tiny_ct.hn).read_text(encoding="utf-8"))
     base = Path(tiny_ct.hn).parent
     bad = _truncated_upload(tmp_path)
     content["training"][0]["image"] = str(bad)
@@ -214,7 +214,7 @@ def test_training_refuses_the_truncated_upload(tmp_path: Path, tiny_ct: Any) -> 
         entry["image"], entry["label"] = str(base / entry["image"]), str(base / entry["label"])
     content["training"][0]["label"] = str(base / content["training"][0]["label"])
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps(content))
+    datalist.write_text(json.dumps(content), encoding="utf-8")
     root = copy_bundle(tmp_path)
     workflow = make_workflow(
         root, ["train"], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"), num_validation=0, val_interval=0,

@@ -37,7 +37,7 @@ def test_segrap2023_relative_paths_and_intensity(tmp_path: Path) -> None:
     (root / "segrap_0099").mkdir()  # a case folder without files: skipped with a reason
     out = tmp_path / "lists" / "segrap.json"
     path, found = index_dataset(root, "segrap2023", out, verbose=False)
-    content = json.loads(path.read_text())
+    content = json.loads(path.read_text(encoding="utf-8"))
     assert content["paths"] == "relative to this file's folder"
     assert content["training"][0] == {
         "case_id": "segrap_0000",
@@ -72,7 +72,7 @@ def test_segrap2023_options_absolute_and_label_dir(tmp_path: Path) -> None:
         images, "segrap2023", tmp_path / "d.json", absolute=True, verbose=False,
         label_dir=str(labels), label_file="nodes.nii.gz", image_file="image_contrast.nii.gz",
     )
-    first = json.loads(path.read_text())["training"][0]
+    first = json.loads(path.read_text(encoding="utf-8"))["training"][0]
     assert first["image"] == str(images / "segrap_0000" / "image_contrast.nii.gz")
     assert first["label"] == str(labels / "segrap_0000" / "nodes.nii.gz")
 
@@ -103,9 +103,9 @@ def test_nnunet_raw_layout(tmp_path: Path) -> None:
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1},
         "numTraining": 2, "file_ending": ".nii.gz",
-    }))
+    }), encoding="utf-8")
     path, found = index_dataset(root, "nnunet", root / "datalist.json", verbose=False)
-    content = json.loads(path.read_text())
+    content = json.loads(path.read_text(encoding="utf-8"))
     assert [c["case_id"] for c in content["training"]] == ["ln_001", "ln_002"]
     assert content["test"] == [
         {"case_id": "ln_101", "image": "imagesTs/ln_101_0000.nii.gz", "label": "labelsTs/ln_101.nii.gz"}
@@ -223,7 +223,7 @@ def test_invalid_cards_are_rejected_with_the_field(tmp_path: Path) -> None:
     broken["split_policy"]["few_shot"]["shots"] = [3, 500]
     with pytest.raises(ManifestError, match="500 shots exceed the 96 training cases"):
         validate_manifest(broken)
-    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "bad.json").write_text("{", encoding="utf-8")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(tmp_path / "bad.json")
     with pytest.raises(ManifestError, match="does not exist"):

@@ -88,7 +88,7 @@ def test_nrrd_round_trip_through_index_and_bundle_chain(tmp_path: Path) -> None:
     cases = load_split(datalist, "training")
     assert [c["case_id"] for c in cases] == ["case_a", "case_b"]
     # Paths are relative to the datalist's folder.
-    assert json.loads(datalist.read_text())["training"][0]["image"] == "../lnq/case_a-ct.nrrd"
+    assert json.loads(datalist.read_text(encoding="utf-8"))["training"][0]["image"] == "../lnq/case_a-ct.nrrd"
     check_round_trip(cases[0], hu, geometry)
 
 
@@ -112,7 +112,7 @@ def test_dicom_series_round_trip_through_index_and_bundle_chain(tmp_path: Path) 
     np.testing.assert_allclose(reference.GetDirection(), geometry["direction"], atol=1e-5)
     check_round_trip(cases[0], hu, geometry)
 
-    props = json.loads(datalist.read_text())["intensity_properties"]
+    props = json.loads(datalist.read_text(encoding="utf-8"))["intensity_properties"]
     fg = hu[label > 0].astype(float)
     assert props["mean"] == pytest.approx(fg.mean()) and props["std"] == pytest.approx(fg.std())
     assert ct_normalization(datalist)["a_min"] == pytest.approx(np.percentile(fg, 0.5))

@@ -234,7 +234,7 @@ def test_missing_entries_and_bad_datalists(tmp_path: Path) -> None:
     problems = check_datalist(write_datalist(tmp_path / "d.json", [ok, {"case_id": "nolabel", "image": ok["image"]}]))
     assert ("nolabel", "no 'label' entry") in [(p.case_id, p.problem) for p in problems]
     assert "does not exist" in check_datalist(tmp_path / "absent.json")[0].problem
-    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     assert "not readable JSON" in check_datalist(tmp_path / "broken.json")[0].problem
     assert "no (non-empty) 'training' list" in check_datalist(write_datalist(tmp_path / "e.json", []))[0].problem
 

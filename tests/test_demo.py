@@ -22,8 +22,8 @@ def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
         for metric in ("dice", "nsd_1mm"):
             assert 0.0 <= summary[metric]["mean"] <= 1.0
             assert summary[metric]["n"] == summary["n_cases"] >= 1
-    test_ids = [c["case_id"] for c in json.loads((tmp_path / "data/mediastinum/datalist.json").read_text())["test"]]
-    with open(tmp_path / "finetune_dgst/eval/per_case_metrics.csv") as f:
+    test_ids = [c["case_id"] for c in json.loads((tmp_path / "data/mediastinum/datalist.json").read_text(encoding="utf-8"))["test"]]
+    with open(tmp_path / "finetune_dgst/eval/per_case_metrics.csv", encoding="utf-8") as f:
         assert sorted(r["case_id"] for r in csv.DictReader(f)) == sorted(test_ids)
 
     foundation = torch.load(tmp_path / "foundation/model.pt", map_location="cpu", weights_only=True)

@@ -93,8 +93,8 @@ def test_exported_bundle_unzips_alone_and_passes_the_model_zoo_checks(exported, 
     for name in ("LICENSE", "configs/metadata.json", "docs/README.md", "large_files.yml", "models/model.ts"):
         assert (root / name).is_file(), name
     assert (root / "models" / "model.pt").read_bytes() == (exported.tuned / "model.pt").read_bytes()
-    normalization = json.loads((root / "models" / "normalization.json").read_text())
-    assert normalization == json.loads((exported.tuned / "normalization.json").read_text())
+    normalization = json.loads((root / "models" / "normalization.json").read_text(encoding="utf-8"))
+    assert normalization == json.loads((exported.tuned / "normalization.json").read_text(encoding="utf-8"))
 
     for configs, workflow_type, overrides in (
         (["train"], "train", {"datalist": tiny_ct.hn, "num_validation": 1, "ckpt_dir": str(root / "run")}),
@@ -110,18 +110,18 @@ def test_exported_configs_carry_the_trained_network_and_the_metadata_of_its_run(
     root = exported.root
     tiny = plan_preset("tiny").to_config()
     for name in ("train", "inference"):
-        config = json.loads((root / "configs" / f"{name}.json").read_text())
+        config = json.loads((root / "configs" / f"{name}.json").read_text(encoding="utf-8"))
         assert config["plan"] == tiny and "preset" not in config, name
     assert not (root / "configs" / "cpu_small.json").exists()  # an overlay that could no longer apply
 
-    source = json.loads((exported.source / "configs" / "metadata.json").read_text())
-    metadata = json.loads((root / "configs" / "metadata.json").read_text())
+    source = json.loads((exported.source / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    metadata = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
     major, minor, patch = (int(v) for v in source["version"].split("."))
     assert metadata["version"] == f"{major}.{minor}.{patch + 1}"
     assert list(metadata["changelog"]) == [metadata["version"], *source["changelog"]]
     entry = metadata["changelog"][metadata["version"]]
     assert "DGST" in entry and f"{SHOTS} shots" in entry and "dgst_synthetic_mediastinum" in entry
-    summary = json.loads((exported.tuned / "eval" / "summary.json").read_text())
+    summary = json.loads((exported.tuned / "eval" / "summary.json").read_text(encoding="utf-8"))
     means = {"mean_dice": summary["dice"]["mean"], "mean_nsd_1mm": summary["nsd_1mm"]["mean"]}
     assert metadata["eval_metrics"] == means
     shape = metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]
@@ -166,7 +166,7 @@ def test_export_with_a_preset_overlay_merges_it_and_checks_the_checkpoint(tiny_c
     export_bundle(root, ckpt, output, preset="cpu_small", changelog="pre-trained", check_overrides=checks)
     with zipfile.ZipFile(output) as archive:
         train = json.loads(archive.read("small_site/configs/train.json"))
-    overlay = json.loads((root / "configs" / "cpu_small.json").read_text())
+    overlay = json.loads((root / "configs" / "cpu_small.json").read_text(encoding="utf-8"))
     assert train["plan"] == plan_preset("cpu-small").to_config()
     assert {k: train[k] for k in overlay if k != "preset"} == {k: v for k, v in overlay.items() if k != "preset"}
 
@@ -179,7 +179,7 @@ def test_training_record_stores_plans_as_configs_and_cases_as_ids(tmp_path):
     """The record holds the plan's to_config() and the case ids of datalist entries (not scan paths)."""
     cases = [{"case_id": "site_0001", "image": "/scans/a.nii.gz"}, {"image": "/scans/site_0002.nii.gz"}]
     path = save_training_record(tmp_path, {"plan": plan_preset("tiny"), "cases": cases, "method": "dgst", "shots": 2})
-    record = json.loads(Path(path).read_text())
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
     assert record["plan"] == plan_preset("tiny").to_config()
     assert record["cases"] == ["site_0001", "site_0002"]
     assert (record["method"], record["shots"]) == ("dgst", 2)

@@ -25,20 +25,20 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _datalist(tmp_path: Path, tiny_ct: Any, **changes: Any) -> Path:
     """The tiny head-and-neck datalist with absolute paths (and ``changes`` applied), written to ``tmp_path``."""
-    content = json.loads(Path(tiny_ct.hn).read_text())
+    content = json.loads(Path(tiny_ct.hn).read_text(encoding="utf-8"))
     base = Path(tiny_ct.hn).parent
     for entries in (content["training"], content.get("test", [])):
         for entry in entries:
             entry["image"], entry["label"] = str(base / entry["image"]), str(base / entry["label"])
     content.update(changes)
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps(content))
+    path.write_text(json.dumps(content), encoding="utf-8")
     return path
 
 
 def test_known_keys_pass_and_misspelt_ones_are_named_with_a_suggestion(bundle: Path, tmp_path: Path) -> None:
     probe = tmp_path / "probe.json"
-    probe.write_text(json.dumps({"probe": "$open(@probe_file).read()"}))  # refers to a key only an override gives
+    probe.write_text(json.dumps({"probe": "$open(@probe_file).read()"}), encoding="utf-8")  # refers to a key only an override gives
     files = config_list(bundle, "train", "finetune") + [str(probe)]
     known = [
         "method", "train#handlers#0#resume", "+train#handlers", "dgst_handler#warmup_steps", "probe_file",
@@ -88,7 +88,7 @@ def test_output_folder_must_be_writable_and_have_room(tmp_path: Path, capsys: py
     assert check_output_folder(tmp_path / "new" / "models") == str(tmp_path / "new" / "models")
     assert [p.name for p in (tmp_path / "new" / "models").iterdir()] == []  # the write probe is gone
     blocker = tmp_path / "a_file"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     with pytest.raises(SystemExit):
         check_output_folder(blocker / "models")
     assert f"cannot write to the output folder {blocker / 'models'}" in capsys.readouterr().err
@@ -110,11 +110,11 @@ def test_training_data_must_pass_the_data_check_and_fit_the_classes(
     assert "has 3 label classes ['0', '1', '2'] but the network has out_channels=2" in capsys.readouterr().err
 
     broken = _datalist(tmp_path, tiny_ct)
-    content = json.loads(broken.read_text())
+    content = json.loads(broken.read_text(encoding="utf-8"))
     image = tmp_path / "cut.nii.gz"
     image.write_bytes(Path(content["training"][0]["image"]).read_bytes()[:2000])
     content["training"][0]["image"] = str(image)
-    broken.write_text(json.dumps(content))
+    broken.write_text(json.dumps(content), encoding="utf-8")
     with pytest.raises(SystemExit):
         check_training_data(broken, out_channels=2)
     err = capsys.readouterr().err
@@ -125,10 +125,10 @@ def test_the_bundle_checks_before_training(tiny_ct: Any, tmp_path: Path, bundle:
     """Through the bundle's initialize: a damaged training file stops the run before the first expression of
     ``run`` (which writes normalization.json)."""
     broken = _datalist(tmp_path, tiny_ct)
-    content = json.loads(broken.read_text())
+    content = json.loads(broken.read_text(encoding="utf-8"))
     (tmp_path / "cut.nii.gz").write_bytes(Path(content["training"][1]["image"]).read_bytes()[:2000])
     content["training"][1]["image"] = str(tmp_path / "cut.nii.gz")
-    broken.write_text(json.dumps(content))
+    broken.write_text(json.dumps(content), encoding="utf-8")
     workflow = make_workflow(bundle, ["train"], datalist=str(broken), ckpt_dir=str(tmp_path / "models"))
     with pytest.raises(SystemExit) as info:
         workflow.initialize()

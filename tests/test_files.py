@@ -36,7 +36,7 @@ def _mode(path: Path) -> int:
 def _plain_mode(folder: Path) -> int:
     """The mode a plain open(..., "w") gives a new file here, under the current umask."""
     reference = folder / "reference_open.txt"
-    with open(reference, "w") as f:
+    with open(reference, "w", encoding="utf-8") as f:
         f.write("x")
     mode = _mode(reference)
     reference.unlink()
@@ -55,27 +55,27 @@ def test_new_files_get_the_mode_open_gives(tmp_path: Path, umask: int) -> None:
     data = atomic_write_json(tmp_path / "data.json", {"x": [1, 2]})
     model = atomic_torch_save({"w": torch.arange(3)}, tmp_path / "model.pt")
     assert [_mode(p) for p in (text, raw, data, model)] == [expected] * 4
-    assert text.read_text() == "hello\n" and raw.read_bytes() == b"\x00\x01"
-    assert json.loads(data.read_text()) == {"x": [1, 2]} and data.read_text().endswith("\n")
+    assert text.read_text(encoding="utf-8") == "hello\n" and raw.read_bytes() == b"\x00\x01"
+    assert json.loads(data.read_text(encoding="utf-8")) == {"x": [1, 2]} and data.read_text(encoding="utf-8").endswith("\n")
     assert torch.equal(torch.load(model, weights_only=True)["w"], torch.arange(3))
     assert _leftovers(tmp_path) == []
 
 
 def test_a_replaced_file_keeps_its_mode(tmp_path: Path) -> None:
     target = tmp_path / "summary.json"
-    target.write_text("{}")
+    target.write_text("{}", encoding="utf-8")
     target.chmod(0o640)
     atomic_write_json(target, {"n_cases": 2})
-    assert _mode(target) == 0o640 and json.loads(target.read_text()) == {"n_cases": 2}
+    assert _mode(target) == 0o640 and json.loads(target.read_text(encoding="utf-8")) == {"n_cases": 2}
 
 
 def test_an_error_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "table.csv"
-    target.write_text("old\n")
+    target.write_text("old\n", encoding="utf-8")
     with pytest.raises(RuntimeError, match="boom"), atomic_open(target, newline="") as f:
         f.write("half a ta")
         raise RuntimeError("boom")
-    assert target.read_text() == "old\n" and _leftovers(tmp_path) == []
+    assert target.read_text(encoding="utf-8") == "old\n" and _leftovers(tmp_path) == []
 
     with pytest.raises(TypeError):  # a tensor cannot be JSON: refused before any file is touched
         atomic_write_json(target, {"x": torch.zeros(1)})
@@ -84,7 +84,7 @@ def test_an_error_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     new = tmp_path / "never.json"
     with pytest.raises(ValueError):
         atomic_write_json(new, {"x": float("inf")}, allow_nan=False)
-    assert target.read_text() == "old\n" and not new.exists() and _leftovers(tmp_path) == []
+    assert target.read_text(encoding="utf-8") == "old\n" and not new.exists() and _leftovers(tmp_path) == []
 
 
 def test_failing_torch_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -153,7 +153,7 @@ def _exercise(suffix: str, content: bytes) -> dict[str, str]:
                     assert str(path) in str(err), err  # named
                     outcome[name] = "refused"
             datalist = Path(folder) / "datalist.json"
-            datalist.write_text(f'{{"training": [{{"image": "{path}", "label": "{path}"}}]}}')
+            datalist.write_text(f'{{"training": [{{"image": "{path}", "label": "{path}"}}]}}', encoding="utf-8")
             problems = check_datalist(datalist)
             outcome["check_datalist"] = "problems" if problems else "clean"
     return outcome

@@ -259,14 +259,14 @@ def test_handlers_in_supervised_evaluator(tmp_path: Path, decollate: bool) -> No
     np.testing.assert_allclose(details[:, 0].numpy(), expected_nsd, atol=1e-5)
     assert evaluator.state.metrics["nsd_1mm"] == pytest.approx(np.mean(expected_nsd), abs=1e-5)
 
-    with open(tmp_path / "report" / "per_case_metrics.csv", newline="") as f:
+    with open(tmp_path / "report" / "per_case_metrics.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == ["segrap_0001", "lnq_0002", "case_003"]
     assert list(rows[0]) == ["case_id", "dice", "nsd_1mm"]
     np.testing.assert_allclose([float(r["dice"]) for r in rows], EXPECTED_DICE, atol=1e-6)
     np.testing.assert_allclose([float(r["nsd_1mm"]) for r in rows], expected_nsd, atol=1e-5)
 
-    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 3
     assert summary["dice"]["n"] == 3
     assert summary["dice"]["mean"] == pytest.approx(np.mean(EXPECTED_DICE), abs=1e-6)
@@ -318,7 +318,7 @@ def test_report_rows_use_the_case_id_of_the_datalist(tmp_path: Path) -> None:
     )
     EvaluationReport(output_dir=tmp_path / "eval", metric_names=["dice"]).attach(evaluator)
     evaluator.run()
-    with open(tmp_path / "eval" / "per_case_metrics.csv", newline="") as f:
+    with open(tmp_path / "eval" / "per_case_metrics.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == [c["case_id"] for c in splits["test"]]
     assert rows[0]["case_id"].startswith("LNQ2023_") and not rows[0]["case_id"].endswith("-ct")

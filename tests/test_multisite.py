@@ -46,7 +46,7 @@ def test_each_case_draws_its_scanner_and_patient_within_the_ranges():
 
 def test_a_written_multisite_set_has_each_cases_own_geometry(tmp_path):
     path = benchmark_datalist(tmp_path / "ms", "multisite", n=3, fov_mm=(64.0, 64.0, 32.0))
-    content = json.loads(open(path).read())
+    content = json.loads(open(path, encoding="utf-8").read())
     assert content["numTraining"] == 3 and content["test"] == []
     spacings = []
     for case in content["training"]:

@@ -134,8 +134,8 @@ def reference_network(plans: dict, configuration: str = "3d_fullres", deep_super
 
 def write_model_folder(folder: Path, plans: dict, weights: dict, configuration: str = "3d_fullres") -> Path:
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
-    (folder / "dataset.json").write_text(json.dumps(DATASET, indent=2))
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
+    (folder / "dataset.json").write_text(json.dumps(DATASET, indent=2), encoding="utf-8")
     checkpoint = {
         "network_weights": weights,
         "optimizer_state": {},
@@ -246,7 +246,7 @@ def test_export_loads_in_the_bundle_and_reproduces_nnunet(tmp_path):
     checkpoint = export_nnunet(folder, tmp_path / "models")
     override = tmp_path / "models" / "model_override.json"
     assert checkpoint == tmp_path / "models" / "model.pt" and override.is_file()
-    values = json.loads(override.read_text())
+    values = json.loads(override.read_text(encoding="utf-8"))
     # only the topology: the bundle builds its own network class from the plan
     assert set(values) == {"nnunet_source", "plan", "in_channels", "out_channels"}
     plan = values["plan"]
@@ -342,9 +342,9 @@ def test_missing_files_are_named(tmp_path):
 
 def test_weights_that_do_not_match_the_plans_are_refused(tmp_path):
     _, folder = fake_model(tmp_path, ISOTROPIC)
-    plans = json.loads((folder / "plans.json").read_text())
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
     plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 32]
-    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
     with pytest.raises(NNUNetImportError, match=r"checkpoint_final\.pth: tensor .* has shape .* implies"):
         import_nnunet(folder)
 
@@ -375,10 +375,10 @@ def test_weights_of_another_network_are_refused(tmp_path):
 )
 def test_unsupported_architectures_are_refused(tmp_path, edit, message):
     _, folder = fake_model(tmp_path, ISOTROPIC)
-    plans = json.loads((folder / "plans.json").read_text())
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
     arch = plans["configurations"]["3d_fullres"]["architecture"]
     edit(arch)
-    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
     with pytest.raises(NNUNetImportError, match=r"plans\.json: configuration '3d_fullres'.*" + message):
         import_nnunet(folder)
 
@@ -387,8 +387,8 @@ def test_unknown_configuration_is_refused(tmp_path):
     _, folder = fake_model(tmp_path, ISOTROPIC)
     with pytest.raises(NNUNetImportError, match=r"configuration '2d' not found; it has \['3d_fullres'\]"):
         import_nnunet(folder, configuration="2d")
-    plans = copy.deepcopy(json.loads((folder / "plans.json").read_text()))
+    plans = copy.deepcopy(json.loads((folder / "plans.json").read_text(encoding="utf-8")))
     plans["configurations"]["3d_fullres"]["inherits_from"] = "3d_fullres"
-    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
     with pytest.raises(NNUNetImportError, match="circular inherits_from"):
         import_nnunet(folder)

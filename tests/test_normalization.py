@@ -35,7 +35,7 @@ def _write_cases(root: Path, n: int) -> Path:
         write(root / f"labelsTr/c{i}.nii.gz", label)
         training.append({"case_id": f"c{i}", "image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"})
     datalist = root / "datalist.json"
-    datalist.write_text(json.dumps({"training": training, "test": []}))
+    datalist.write_text(json.dumps({"training": training, "test": []}), encoding="utf-8")
     return datalist
 
 
@@ -100,7 +100,7 @@ def test_an_empty_foreground_has_no_statistics_and_a_clear_error(tmp_path: Path)
 
     # phantoms without nodes and an indexed case with an empty label: both store null, both refuse to normalise
     datalist = write_synthetic_dataset(tmp_path / "synth", "hn", n=2, seed=0, fov_mm=(64.0, 64.0, 16.0), n_nodes=0)
-    assert json.loads(datalist.read_text())["intensity_properties"] is None
+    assert json.loads(datalist.read_text(encoding="utf-8"))["intensity_properties"] is None
     with pytest.raises(ValueError, match=r"datalist .*datalist.json: no foreground"):
         ct_normalization(datalist)
     hu, label = ct_volume()
@@ -119,10 +119,10 @@ def test_nnunet_plans(tmp_path: Path) -> None:
     expected = {"a_min": -100.0, "a_max": 300.0, "b_min": -140.0 / 60.0, "b_max": 260.0 / 60.0}
     assert normalization_from_nnunet_plans(plans) == pytest.approx(expected)
     path = tmp_path / "plans.json"
-    path.write_text(json.dumps(plans))
+    path.write_text(json.dumps(plans), encoding="utf-8")
     assert normalization_from_nnunet_plans(path) == normalization_from_nnunet_plans(plans)
     with pytest.raises(ValueError, match=r"plans.json: no foreground_intensity_properties_per_channel\['0'\]"):
-        path.write_text(json.dumps({"plans_name": "x"}))
+        path.write_text(json.dumps({"plans_name": "x"}), encoding="utf-8")
         normalization_from_nnunet_plans(path)
     with pytest.raises(ValueError, match=r"lack \['std'\]"):
         normalization_from_nnunet_plans({"foreground_intensity_properties_per_channel": {"0": dict(props, std=None)}})

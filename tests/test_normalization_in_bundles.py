@@ -69,7 +69,7 @@ def test_fine_tuning_normalisation_ignores_the_labels_of_other_cases(foundation,
             shots=1,
             normalization=normalization,
         )
-        results.append(json.loads((tuned / "normalization.json").read_text()))
+        results.append(json.loads((tuned / "normalization.json").read_text(encoding="utf-8")))
     assert results[0] == results[1]
     if normalization == "foundation":
         assert results[0] == load_normalization(foundation)
@@ -79,10 +79,10 @@ def test_fine_tuning_normalisation_ignores_the_labels_of_other_cases(foundation,
 
 def test_evaluation_uses_the_checkpoints_window_not_the_datalists(foundation, tiny_ct, tmp_path):
     shifted = _copy_dataset(tiny_ct.mediastinum, tmp_path / "shifted")
-    content = json.loads(shifted.read_text())
+    content = json.loads(shifted.read_text(encoding="utf-8"))
     props = content["intensity_properties"]
     content["intensity_properties"] = {**props, "mean": props["mean"] + 300.0, "percentile_00_5": -1000.0}
-    shifted.write_text(json.dumps(content))
+    shifted.write_text(json.dumps(content), encoding="utf-8")
 
     summaries = []
     for name, datalist in (("original", tiny_ct.mediastinum), ("shifted", str(shifted))):
@@ -99,5 +99,5 @@ def test_evaluation_uses_the_checkpoints_window_not_the_datalists(foundation, ti
         workflow.initialize()
         assert workflow.parser.get_parsed_content("intensity") == load_normalization(foundation)
         workflow.run()
-        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text(encoding="utf-8")))
     assert summaries[0] == summaries[1]

@@ -162,7 +162,7 @@ def test_anisotropic_spacing_in_affine_and_header(tmp_path: pathlib.Path) -> Non
     assert np.allclose(np.linalg.norm(case.affine[:3, :3], axis=0), spacing)
     assert case.image.shape == (160, 137, 8)
     path = write_synthetic_dataset(tmp_path, "hn", n=1, spacing_mm=spacing, **SMALL["hn"])
-    item = json.loads(path.read_text())["training"][0]
+    item = json.loads(path.read_text(encoding="utf-8"))["training"][0]
     img = nib.load(tmp_path / item["image"])
     assert np.allclose(img.header.get_zooms(), spacing)
     assert img.get_data_dtype() == np.int16
@@ -192,7 +192,7 @@ def test_lps_and_ras_match_after_orientation(tmp_path: pathlib.Path) -> None:
     for ori in ("LPS", "RAS"):
         dl = write_synthetic_dataset(tmp_path / ori, "mediastinum", n=1, seed=5, orientation=ori,
                                      **SMALL["mediastinum"])
-        item = json.loads(dl.read_text())["training"][0]
+        item = json.loads(dl.read_text(encoding="utf-8"))["training"][0]
         paths[ori] = {k: str(tmp_path / ori / item[k]) for k in ("image", "label")}
     assert nib.aff2axcodes(nib.load(paths["LPS"]["image"]).affine) == ("L", "P", "S")
     assert nib.aff2axcodes(nib.load(paths["RAS"]["image"]).affine) == ("R", "A", "S")
@@ -216,7 +216,7 @@ def test_datalist_resolves_through_monai(tmp_path: pathlib.Path) -> None:
 
     path = write_synthetic_dataset(tmp_path, "mediastinum", n=3, seed=2, **SMALL["mediastinum"])
     assert path == tmp_path / "datalist.json"
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     assert meta["labels"] == {"0": "background", "1": "lymph_node"}
     assert meta["modality"] == {"0": "CT"}
     assert meta["domain"] == "mediastinum" and meta["name"] and meta["description"]
@@ -240,8 +240,8 @@ def test_datalist_resolves_through_monai(tmp_path: pathlib.Path) -> None:
 
 def test_default_test_split(tmp_path: pathlib.Path) -> None:
     small = dict(SMALL["hn"], n_nodes=1)
-    assert json.loads(write_synthetic_dataset(tmp_path / "five", "hn", n=5, **small).read_text())["numTest"] == 1
-    one = json.loads(write_synthetic_dataset(tmp_path / "one", "hn", n=1, **small).read_text())
+    assert json.loads(write_synthetic_dataset(tmp_path / "five", "hn", n=5, **small).read_text(encoding="utf-8"))["numTest"] == 1
+    one = json.loads(write_synthetic_dataset(tmp_path / "one", "hn", n=1, **small).read_text(encoding="utf-8"))
     assert one["numTraining"] == 1 and one["numTest"] == 0
     assert not (tmp_path / "one" / "imagesTs").exists()
 
@@ -314,7 +314,7 @@ def test_generation_time_of_default_20_case_set(tmp_path: pathlib.Path, capsys: 
     start = time.perf_counter()
     path = write_synthetic_dataset(tmp_path, "hn", n=20, seed=0)
     elapsed = time.perf_counter() - start
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     assert len(meta["training"]) == 16 and len(meta["test"]) == 4
     shape = nib.load(tmp_path / meta["training"][0]["image"]).shape
     with capsys.disabled():

@@ -95,7 +95,7 @@ def test_paper_preset_is_nnunet_3d_fullres_at_patch_80x112x224():
 
 
 def test_cpu_small_preset_is_what_the_bundle_overlay_names():
-    assert json.loads((BUNDLE / "configs" / "cpu_small.json").read_text())["preset"] == "cpu-small"
+    assert json.loads((BUNDLE / "configs" / "cpu_small.json").read_text(encoding="utf-8"))["preset"] == "cpu-small"
     assert as_lists(plan_preset("cpu-small")) == {
         "spacing": [1.5, 1.5, 3.0],
         "patch_size": [64, 64, 32],

@@ -36,7 +36,7 @@ TINY = dict(
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory, cache) -> Path:
 
 
 def test_every_cell_is_scored_on_the_whole_test_split(tiny_run):
-    splits = json.loads((tiny_run / "splits.json").read_text())
+    splits = json.loads((tiny_run / "splits.json").read_text(encoding="utf-8"))
     test_ids = sorted(c["case_id"] for c in splits["test"])
     assert len(test_ids) == 2 and len(splits["training"]) == 8  # the seeded 8:2 split of 10 target cases
     rows = read_rows(tiny_run / "per_case.csv")
@@ -76,9 +76,9 @@ def test_the_budget_checkpoint_differs_from_the_final_one(tiny_run):
 
 
 def test_cells_record_cost_and_changed_entries(tiny_run):
-    full = json.loads((tiny_run / "cells/full_1shot_seed0/result.json").read_text())
-    dgst = json.loads((tiny_run / "cells/dgst_1shot_seed0_gamma1/result.json").read_text())
-    foundation = json.loads((tiny_run / "cells/foundation/result.json").read_text())
+    full = json.loads((tiny_run / "cells/full_1shot_seed0/result.json").read_text(encoding="utf-8"))
+    dgst = json.loads((tiny_run / "cells/dgst_1shot_seed0_gamma1/result.json").read_text(encoding="utf-8"))
+    foundation = json.loads((tiny_run / "cells/foundation/result.json").read_text(encoding="utf-8"))
     for r in (full, dgst):
         assert r["timing"]["iterations_timed"] == 2 and r["timing"]["median_s_per_iteration"] > 0
         assert r["peak_rss_mb"] > 100
@@ -91,7 +91,7 @@ def test_cells_record_cost_and_changed_entries(tiny_run):
 
 
 def test_report_marks_the_best_per_shot_level_and_writes_the_figures(tiny_run):
-    report = (tiny_run / "report.md").read_text()
+    report = (tiny_run / "report.md").read_text(encoding="utf-8")
     summary = [r for r in read_rows(tiny_run / "summary.csv") if r["final"] == "True" and r["method"] != "foundation"]
     best = max(summary, key=lambda r: float(r["dice_mean"]))
     table = report.split("## Table 1: DSC (%)")[1].split("##")[0]
@@ -145,14 +145,14 @@ def test_a_failed_job_is_reported_with_its_log(tmp_path):
     job.folder.mkdir()
     failures = LocalExecutor(poll_seconds=0.1).run([job], Progress([job], enabled=False))
     assert list(failures) == ["broken_cell"] and "log.txt" in failures["broken_cell"]
-    assert "cell.json" in (job.folder / "log.txt").read_text()  # the log names the missing file
+    assert "cell.json" in (job.folder / "log.txt").read_text(encoding="utf-8")  # the log names the missing file
 
 
 def test_benchmark_report_command_rewrites_the_report(tiny_run, capsys):
     (tiny_run / "report.md").unlink()
     main(["benchmark", "report", str(tiny_run)])
     assert capsys.readouterr().out.strip() == str(tiny_run / "report.md")
-    assert "## Table 1: DSC (%)" in (tiny_run / "report.md").read_text()
+    assert "## Table 1: DSC (%)" in (tiny_run / "report.md").read_text(encoding="utf-8")
 
 
 def test_a_rerun_skips_finished_cells_and_refuses_other_settings(tiny_run, cache):
@@ -183,7 +183,7 @@ def test_a_run_killed_mid_cell_resumes_and_finishes(cache, tiny_run):
         deadline = time.time() + 600
         while time.time() < deadline:  # wait until the cell has trained or is scoring
             try:
-                progress = json.loads((cell / "progress.json").read_text())
+                progress = json.loads((cell / "progress.json").read_text(encoding="utf-8"))
             except (FileNotFoundError, json.JSONDecodeError):
                 progress = {}
             if progress.get("iteration", 0) >= 1:
@@ -198,27 +198,27 @@ def test_a_run_killed_mid_cell_resumes_and_finishes(cache, tiny_run):
         if runner.poll() is None:
             runner.kill()
     time.sleep(2)  # the cell's process dies with its runner (PR_SET_PDEATHSIG)
-    stalled = json.loads((cell / "progress.json").read_text())
+    stalled = json.loads((cell / "progress.json").read_text(encoding="utf-8"))
     time.sleep(3)
-    assert json.loads((cell / "progress.json").read_text()) == stalled
+    assert json.loads((cell / "progress.json").read_text(encoding="utf-8")) == stalled
     assert not (cell / "result.json").exists() and (cell / "work").exists()
-    (cell / "work" / "left_by_the_killed_run").write_text("")
+    (cell / "work" / "left_by_the_killed_run").write_text("", encoding="utf-8")
 
     done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((cell / "result.json").read_text())
+    result = json.loads((cell / "result.json").read_text(encoding="utf-8"))
     assert result["timing"]["iterations_timed"] == 2 and sorted(result["evaluations"]) == ["1", "2"]
     assert not (cell / "work").exists()  # started over in a clean folder, removed when scored
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the finished cells did not run again
     assert "1 of 2 cells already finished" in done.stderr  # this command's grid: the foundation and Bias
-    assert "| Bias |" in (tiny_run / "report.md").read_text()
+    assert "| Bias |" in (tiny_run / "report.md").read_text(encoding="utf-8")
 
 
 def test_the_submitit_path_runs_two_cells_as_separate_jobs(tmp_path, cache, tiny_run):
     pytest.importorskip("submitit", reason="submitit is a benchmark / dev dependency")
     out = tmp_path / "submitit"
     run_benchmark(out, cache=cache, executor="submitit-local", **{**TINY, "methods": ["full"]})
-    results = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/result.json"))]
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "cells").glob("*/result.json"))]
     assert [r["id"] for r in results] == ["foundation", "full_1shot_seed0"]
     pids = {r["pid"] for r in results}
     assert len(pids) == 2 and os.getpid() not in pids  # each cell in a job process of its own
@@ -230,7 +230,7 @@ def test_the_submitit_path_runs_two_cells_as_separate_jobs(tmp_path, cache, tiny
                      if r["cell"] in ("foundation", "full_1shot_seed0") and r["iteration"] in ("0", "2")]
     (out / "report.md").unlink()
     write_report(out)  # what `benchmark report DIR` does with the merged cells
-    assert "| Full |" in (out / "report.md").read_text()
+    assert "| Full |" in (out / "report.md").read_text(encoding="utf-8")
 
 
 def test_protocol_options_are_checked_before_running(tmp_path, cache):

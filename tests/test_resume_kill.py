@@ -64,7 +64,7 @@ class Bundle:
         configs = config_list(self.root, *names)
         if kill is not None:
             extra = self.tmp / f"kill_{self.runs}.json"
-            extra.write_text(json.dumps(kill))
+            extra.write_text(json.dumps(kill), encoding="utf-8")
             configs.append(str(extra))
         argv = ["run", "--config_file", repr(configs)]
         options = {
@@ -83,7 +83,7 @@ class Bundle:
         process.start()
         process.join(timeout=600)
         if process.exitcode not in (0, KILLED):
-            pytest.fail(f"run {self.runs} ({names}) failed with exit code {process.exitcode}:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"run {self.runs} ({names}) failed with exit code {process.exitcode}:\n{log.read_text(encoding="utf-8")[-4000:]}")
         return process.exitcode
 
 

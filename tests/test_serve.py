@@ -89,14 +89,14 @@ def _wait_ready(base: str, process: subprocess.Popen, log: Path) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < STARTUP_S:
         if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text(encoding="utf-8")[-4000:]}")
         try:
             if requests.get(f"{base}/info/", timeout=2).status_code == 200:
                 return time.perf_counter() - start
         except requests.ConnectionError:
             pass
         time.sleep(0.25)
-    pytest.fail(f"the server did not answer /info/ within {STARTUP_S} s:\n{log.read_text()[-4000:]}")
+    pytest.fail(f"the server did not answer /info/ within {STARTUP_S} s:\n{log.read_text(encoding="utf-8")[-4000:]}")
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -129,7 +129,7 @@ def server(tmp_path_factory) -> Any:
         "--host", HOST, "--port", str(port), "--app_dir", str(app_dir),
     ]  # fmt: skip
     foundation_sha = _sha256(foundation)
-    with open(log, "w") as out:
+    with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root)
     try:
         base = f"http://{HOST}:{port}"
@@ -338,7 +338,7 @@ def test_clinical_loop_dgst_finetune_is_served_next_and_foundation_untouched(ser
     (run,) = sorted((model_dir / "models" / "finetuned").iterdir())
     tuned = run / "model.pt"
     assert tuned.is_file() and (run / "normalization.json").is_file()
-    assert json.loads((run / "datalist.json").read_text())["training"][0]["case_id"] in ("hn_0000", "hn_0001")
+    assert json.loads((run / "datalist.json").read_text(encoding="utf-8"))["training"][0]["case_id"] in ("hn_0000", "hn_0001")
 
     # the next inference comes from the fine-tuned weights: the response says so, and the mask is the bundle's own
     # prediction with that checkpoint, not the foundation's
@@ -375,7 +375,7 @@ def test_cli_takes_several_bundles_as_a_list(server, tmp_path):
         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert json.loads((app / "serve.json").read_text())["models"] == [DYNUNET, SWINUNETR]
+    assert json.loads((app / "serve.json").read_text(encoding="utf-8"))["models"] == [DYNUNET, SWINUNETR]
     assert "-m monailabel.main start_server" in result.stdout and "--host 127.0.0.1" in result.stdout
     assert "--uvicorn_app dgst_monai.serve.asgi:app" in result.stdout
 

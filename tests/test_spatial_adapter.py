@@ -182,7 +182,7 @@ def test_ckpt_export_with_the_rebuilt_network(method, tiny_dynunet, tmp_path):
         "network": "$dgst_monai.networks.for_checkpoint(@network_def, @checkpoint)",
     }
     config_file = tmp_path / "inference.json"
-    config_file.write_text(json.dumps(config))
+    config_file.write_text(json.dumps(config), encoding="utf-8")
     ckpt_export(
         "network",
         filepath=str(tmp_path / "models" / "model.ts"),

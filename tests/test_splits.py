@@ -110,7 +110,7 @@ def test_make_splits_writes_a_loadable_deterministic_datalist(tmp_path: Path) ->
     # A test set made here means the intensity statistics come from the training cases only.
     expected = intensity_properties(training, samples_per_case=10_000)
     assert result["intensity_properties"] == pytest.approx(expected)
-    assert result["intensity_properties"] != json.loads(datalist.read_text())["intensity_properties"]
+    assert result["intensity_properties"] != json.loads(datalist.read_text(encoding="utf-8"))["intensity_properties"]
     assert ct_normalization(out)["a_min"] == pytest.approx(expected["percentile_00_5"])
 
 
@@ -118,7 +118,7 @@ def test_make_splits_keeps_an_existing_test_list(tmp_path: Path) -> None:
     datalist = _datalist(tmp_path, 8, with_test=2)
     result = make_splits(datalist, shots=[3], seeds=[0], output=tmp_path / "s.json")
     assert [c["case_id"] for c in result["test"]] == ["c06", "c07"]
-    assert result["intensity_properties"] == json.loads(datalist.read_text())["intensity_properties"]
+    assert result["intensity_properties"] == json.loads(datalist.read_text(encoding="utf-8"))["intensity_properties"]
     assert not result["split"]["made_here"]
 
 
@@ -126,10 +126,10 @@ def test_few_shot_with_an_edited_splits_file(tmp_path: Path) -> None:
     datalist = _datalist(tmp_path, 6)
     out = tmp_path / "splits.json"
     make_splits(datalist, shots=[2], seeds=[0], output=out)
-    content = json.loads(out.read_text())
+    content = json.loads(out.read_text(encoding="utf-8"))
     chosen = [c["case_id"] for c in content["training"]][-2:]
     content["few_shot"]["0"]["2"] = chosen  # a user pins the paper's cases by hand
-    out.write_text(json.dumps(content))
+    out.write_text(json.dumps(content), encoding="utf-8")
     training = load_split(out, "training")
     assert [c["case_id"] for c in few_shot(training, 2, 0, splits=out)] == chosen
     with pytest.raises(KeyError, match="no 3-shot subset for seed 0"):
@@ -142,6 +142,6 @@ def test_split_command_line(tmp_path: Path) -> None:
     command = ["split", str(datalist), "--shots", "1,2,3", "--seeds", "0,1", "--output", str(out)]
     text = fire.Fire(DataCommands, command=command)
     assert "8 training / 2 test cases" in text and "seed 1   3-shot" in text
-    content = json.loads(out.read_text())
+    content = json.loads(out.read_text(encoding="utf-8"))
     assert content["shots"] == [1, 2, 3] and content["seeds"] == [0, 1]
     assert set(content["few_shot"]["0"]["1"]) < set(content["few_shot"]["0"]["3"])

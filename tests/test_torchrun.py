@@ -36,7 +36,7 @@ def test_torchrun_dgst_finetuning_keeps_ranks_identical(tiny_ct, tmp_path):
     # test-only overlay: after training, every rank dumps its own (unwrapped) network
     dump = tmp_path / "dump_per_rank.json"
     save = "$torch.save(@local_network.state_dict(), @ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')"
-    dump.write_text(json.dumps({"+run": [save]}))
+    dump.write_text(json.dumps({"+run": [save]}), encoding="utf-8")
     configs = [str(bundle / "configs" / f"{n}.json") for n in ("train", "cpu_small", "finetune", "multi_gpu_train")]
     overrides = {
         "datalist": tiny_ct.mediastinum,

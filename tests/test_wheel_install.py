@@ -57,7 +57,7 @@ def venv(wheel, tmp_path_factory) -> Path:
     ).stdout.strip()  # fmt: skip
     # this interpreter's package folders (not the checkout, nor pytest's additions to sys.path)
     ours = [p for p in dict.fromkeys(sys.path) if Path(p).name in ("site-packages", "dist-packages")]
-    Path(own, "_dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
+    Path(own, "_dependencies.pth").write_text("".join(f"{p}\n" for p in ours), encoding="utf-8")
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)]
     subprocess.run(pip, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True, timeout=300)
     return root
@@ -96,11 +96,11 @@ def test_installed_package_runs_demo_and_cards_outside_the_checkout(venv, tmp_pa
     installed = {p: p.stat().st_mtime_ns for p in bundles.rglob("*") if "__pycache__" not in p.parts}
 
     cards = _run(venv, tmp_path, "dgst-monai", "data", "cards").splitlines()
-    titles = {p.stem: json.loads(p.read_text())["title"] for p in (REPO / "data_manifests").glob("*.json")}
+    titles = {p.stem: json.loads(p.read_text(encoding="utf-8"))["title"] for p in (REPO / "data_manifests").glob("*.json")}
     assert [line.split(maxsplit=1) for line in cards] == [[name, titles[name]] for name in sorted(titles)]
 
     _run(venv, tmp_path, "dgst-monai", "demo", "--preset", "tiny", "--shots", "2", "--output", "demo", timeout=900)
-    rows = json.loads((tmp_path / "demo" / "results.json").read_text())
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text(encoding="utf-8"))
     assert list(rows) == ["foundation (no fine-tuning)", "full (2-shot)", "dgst (2-shot)"]
     assert all(0.0 <= row["dice"]["mean"] <= 1.0 for row in rows.values())
     assert {p: p.stat().st_mtime_ns for p in bundles.rglob("*") if "__pycache__" not in p.parts} == installed

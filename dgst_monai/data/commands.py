@@ -61,7 +61,7 @@ class DataCommands:
             return str(datalist)
         from dgst_monai.data.preview import case_montage
 
-        first = json.loads(datalist.read_text())["training"][0]
+        first = json.loads(datalist.read_text(encoding="utf-8"))["training"][0]
         root = datalist.parent
         png = case_montage(root / first["image"], root / first["label"], root / "preview.png")
         return f"{datalist}\n{png}"
@@ -153,7 +153,7 @@ class DataCommands:
         problems = check_datalist(datalist, tol, voxels=not quick)
         content: dict[str, Any] = {}
         try:
-            content = json.loads(Path(datalist).read_text())
+            content = json.loads(Path(datalist).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             pass
         n = sum(len(v) for k, v in content.items() if k in ("training", "validation", "test") and isinstance(v, list))

@@ -29,7 +29,7 @@ def synthetic_datalist(folder: str | Path, domain: str = "hn", n: int = 20, seed
     # through JSON, so that tuples compare equal to the lists read back
     wanted = json.loads(json.dumps({"domain": domain, "n": n, "seed": seed, "knobs": knobs}))
     stamp = folder / "request.json"
-    if datalist.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+    if datalist.is_file() and stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == wanted:
         return str(datalist)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)

@@ -98,7 +98,7 @@ def load_manifest(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{', '.join(list_manifests()) or 'none'}"
         )
     try:
-        card = json.loads(path.read_text())
+        card = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ManifestError(f"dataset card {path} is not valid JSON: {err}") from None
     validate_manifest(card, source=str(path))

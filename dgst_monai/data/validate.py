@@ -100,7 +100,7 @@ def check_datalist(
     tol = tolerances or Tolerances()
     path = Path(datalist)
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return [Problem("-", "-", str(path), "datalist file does not exist")]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -236,7 +236,7 @@ def export_nnunet(
     # the model's CT normalisation travels with its weights, as for every bundle checkpoint
     save_normalization(output.parent, normalization_from_nnunet_plans(Path(model_folder) / "plans.json"))
     override_path = output.with_name(f"{output.stem}_override.json")
-    override_path.write_text(json.dumps(override, indent=4) + "\n")
+    override_path.write_text(json.dumps(override, indent=4) + "\n", encoding="utf-8")
     return output
 
 

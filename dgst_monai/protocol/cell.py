@@ -120,7 +120,7 @@ def _parameters(protocol: Mapping[str, Any], cell: Cell, tuned_path: Path | None
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

@@ -169,7 +169,7 @@ class LocalExecutor:
             argv = [sys.executable, "-m", "dgst_monai.protocol.cell"]
             argv += ["--pretrain", str(job.folder)] if job.kind == "pretrain" else [str(job.folder)]
             log_path = job.folder / LOG_FILE
-            with open(log_path, "w") as log:
+            with open(log_path, "w", encoding="utf-8") as log:
                 preexec = _die_with_parent if sys.platform.startswith("linux") else None
                 env = {**os.environ, **thread_environment(job.threads)}
                 process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec, env=env)

@@ -46,7 +46,7 @@ def load_results(out: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], lis
         if not (folder / RESULT_FILE).is_file():
             continue
         results.append(read_json(folder / RESULT_FILE, "cell result"))
-        with open(folder / PER_CASE_FILE, newline="") as f:
+        with open(folder / PER_CASE_FILE, newline="", encoding="utf-8") as f:
             rows += list(csv.DictReader(f))
     return results, rows
 

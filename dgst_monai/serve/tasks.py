@@ -167,7 +167,7 @@ def _plain_values(folder: ModelFolder) -> dict[str, Any]:
     minus those the server sets: what a training request may override."""
     values: dict[str, Any] = {}
     for name in ("train.json", "finetune.json"):
-        config = json.loads((folder.configs / name).read_text())
+        config = json.loads((folder.configs / name).read_text(encoding="utf-8"))
         values.update(
             (key, value)
             for key, value in config.items()
