@@ -1,7 +1,7 @@
 """The ``dgst-monai`` command (python-fire), with a check that refuses a mis-bound command line before it runs.
 
-Commands: ``demo``, ``predict``, ``serve``, ``methods``, ``import-nnunet``, ``export``, ``delta export|apply`` and
-``data synth|index|check|split|cards|card``. Each is a thin call into the library; heavy imports happen inside the
+Commands: ``demo``, ``predict``, ``serve``, ``methods``, ``import-nnunet``, ``export``, ``delta export|apply``,
+``data synth|index|check|split|cards|card`` and ``benchmark`` (``benchmark report DIR``). Each is a thin call into the library; heavy imports happen inside the
 command so that ``dgst-monai --help`` stays fast. Every option is spelled out (``--output``, never ``-o``), and
 the only values that may go without an option name are a command's required arguments (``data check
 DATALIST``) and the scans of ``predict``.
@@ -258,10 +258,12 @@ def check_command_line(root: Any, argv: Sequence[str]) -> None:
         name = tokens[0]
         member = getattr(component, name.replace("-", "_"), None)
         if name.startswith(("-", "_")) or member is None:
-            return  # fire reports an unknown command with the list of commands
+            break  # options of a callable group (``benchmark --out``); else fire reports the unknown command
         component, path, tokens = member, [*path, name], tokens[1:]
     if inspect.isroutine(component):
         _check_arguments(" ".join(path), inspect.signature(component), tokens)
+    elif path and callable(component) and not inspect.isclass(component):
+        _check_arguments(" ".join(path), inspect.signature(component.__call__), tokens)
 
 
 def _is_flag(arg: str) -> bool:

@@ -10,7 +10,7 @@ component's signature). Each check prints one message saying what to do and exit
 
     "initialize": ["$dgst_monai.preflight.check_command_line()",
                    "$dgst_monai.preflight.check_output_folder(@ckpt_dir)",
-                   "$dgst_monai.preflight.check_training_data(@datalist, @out_channels)",
+                   "$dgst_monai.preflight.check_data(@datalist, @out_channels)",
                    "$monai.utils.set_determinism(seed=@seed)"]
 
 Example:
@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["check_command_line", "check_output_folder", "check_training_data", "unknown_overrides"]
+__all__ = ["check_command_line", "check_output_folder", "check_data", "unknown_overrides"]
 
 _REFERENCE = re.compile(r"@([A-Za-z_][\w#:]*)")
 
@@ -202,8 +202,8 @@ def check_output_folder(folder: str | os.PathLike[str], min_free_gb: float = 1.0
     return str(path)
 
 
-def check_training_data(datalist: str | os.PathLike[str], out_channels: int) -> str:
-    """Check a datalist before training: ``dgst-monai data check --quick`` (entries, files, headers, geometry,
+def check_data(datalist: str | os.PathLike[str], out_channels: int) -> str:
+    """Check a datalist before a bundle run: ``dgst-monai data check --quick`` (entries, files, headers, geometry,
     file integrity) and label classes that fit the network's ``out_channels``.
 
     Returns:

@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 
 from dgst_monai.config_values import flag
 from dgst_monai.handlers import TrainingStateCheckpoint
-from pending_bundle_changes import config_list, copy_bundle
+from bundle_copies import config_list, copy_bundle
 
 #: What the test reads back from the parsed bundle, instead of running it: the objects the booleans configure.
 PROBE: dict[str, Any] = {

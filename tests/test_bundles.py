@@ -136,7 +136,7 @@ def test_train_finetune_evaluate_infer_like_the_model_zoo(bundle, tiny_ct, tmp_p
     for name in ("model.pt", "training_state_epoch=1.pt", "normalization.json"):
         assert (foundation / name).is_file(), name
     state = torch.load(foundation / "training_state_epoch=1.pt", map_location="cpu", weights_only=True)
-    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "checkpointer"}
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "random", "trainer", "checkpointer"}
 
     run_like_model_zoo(
         bundle,
@@ -197,7 +197,8 @@ def test_training_resumes_from_the_latest_full_state(tiny_ct, tmp_path):
     trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())  # "killed"
     interrupted.run()
     saved = torch.load(tmp_path / "training_state_epoch=1.pt", map_location="cpu", weights_only=True)
-    assert set(saved) == {"model", "optimizer", "lr_scheduler", "trainer", "checkpointer"} and saved["optimizer"]["state"]
+    assert set(saved) == {"model", "optimizer", "lr_scheduler", "random", "trainer", "checkpointer"}
+    assert saved["optimizer"]["state"]
 
     resumed = make_workflow(bundle, ["train"], "train", resume=True, **net, **run)
     resumed.initialize()

@@ -66,6 +66,8 @@ def test_predict_segments_every_scan_and_leaves_mirror_off(
         (["data", "index", "DIR", "--dataset", "lnq2023", "dl.json"], "'dl.json' would be taken as --output"),
         (["import-nnunet", "folder", "model.pt"], "unexpected argument 'model.pt'; options: --model_folder, --output"),
         (["methods", "dynunet"], "unexpected argument 'dynunet'"),
+        (["benchmark", "--out", "runs/b", "--shot", "5"], "benchmark: unknown option --shot"),
+        (["benchmark", "runs/b"], "benchmark: unexpected argument 'runs/b'"),
     ],
 )
 def test_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch, predict_calls):
@@ -99,6 +101,8 @@ def test_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch, p
         ["import-nnunet", "nnunet_folder", "--output", "model.pt", "--fold", "all"],
         ["demo", "--preset", "tiny", "--output", "runs/tiny"],
         ["demo", "--help"],
+        ["benchmark", "--out", "runs/b", "--shots", "5,10", "--methods", "full,dgst", "--threads", "1"],
+        ["benchmark", "report", "runs/b"],
     ],
 )
 def test_command_lines_as_documented_pass_the_check(argv):

@@ -5,8 +5,8 @@ bytes inside its gzip stream (its CRC fails; nibabel and ITK decode it without c
 dims promise more or fewer voxels than stored, a ``.nii`` cut short, an empty and a random-bytes ``.nii.gz``,
 NRRD cut short (gzip and raw) and with a corrupt gzip stream, a MetaImage with a corrupt zlib stream, DICOM
 series with a truncated slice file and with a missing slice. Entry points: ``read_image`` (inference, serving,
-``data index``), the bundles' ``LoadImaged`` with the SimpleITK reader (inference and, with the pending
-overlay, training), ``dgst-monai data check`` and the server's upload check.
+``data index``), the bundles' ``LoadImaged`` with the SimpleITK reader (inference and
+training), ``dgst-monai data check`` and the server's upload check.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dgst_monai.data.readers import read_image
 from dgst_monai.data.validate import check_datalist
 from dgst_monai.files import DamagedFileError
 from dgst_monai.serve.scans import ScanError, check_scan
-from pending_bundle_changes import SEED, config_list, copy_bundle, make_workflow
+from bundle_copies import SEED, config_list, copy_bundle, make_workflow
 
 SHAPE = (32, 32, 16)
 
@@ -203,7 +203,7 @@ def test_the_truncated_upload_is_refused_by_data_check_command(tmp_path: Path, c
 
 
 def test_training_refuses_the_truncated_upload(tmp_path: Path, tiny_ct: Any) -> None:
-    """The bundle's training (pending overlay: SimpleITK reader) stops while caching, naming the file."""
+    """The bundle's training (SimpleITK reader) stops while caching, naming the file."""
     import json
 
     content = json.loads(Path(tiny_ct.hn).read_text(encoding="utf-8"))

@@ -1,6 +1,6 @@
-"""Checks before long work (dgst_monai.preflight, in the bundle's ``initialize`` through the pending overlay): a
-misspelt override, an unwritable or full output folder, a datalist that fails the data check or has more label
-classes than the network each stop the run at once with one message and exit status 2."""
+"""Checks before long work (dgst_monai.preflight, in the bundle's ``initialize``): a misspelt override, an
+unwritable or full output folder, a datalist that fails the data check or has more label classes than the
+network each stop the run at once with one message and exit status 2."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from dgst_monai.preflight import check_command_line, check_output_folder, check_training_data, unknown_overrides
-from pending_bundle_changes import config_list, copy_bundle, make_workflow
+from dgst_monai.preflight import check_command_line, check_output_folder, check_data, unknown_overrides
+from bundle_copies import config_list, copy_bundle, make_workflow
 
 MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"  # what sys.argv[0] is under -m
 
@@ -101,12 +101,12 @@ def test_training_data_must_pass_the_data_check_and_fit_the_classes(
     tiny_ct: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     good = _datalist(tmp_path, tiny_ct)
-    assert check_training_data(good, out_channels=2) == str(good)
+    assert check_data(good, out_channels=2) == str(good)
 
     labels = {"0": "background", "1": "lymph_node", "2": "vessel"}
     three = _datalist(tmp_path, tiny_ct, labels=labels)
     with pytest.raises(SystemExit):
-        check_training_data(three, out_channels=2)
+        check_data(three, out_channels=2)
     assert "has 3 label classes ['0', '1', '2'] but the network has out_channels=2" in capsys.readouterr().err
 
     broken = _datalist(tmp_path, tiny_ct)
@@ -116,7 +116,7 @@ def test_training_data_must_pass_the_data_check_and_fit_the_classes(
     content["training"][0]["image"] = str(image)
     broken.write_text(json.dumps(content), encoding="utf-8")
     with pytest.raises(SystemExit):
-        check_training_data(broken, out_channels=2)
+        check_data(broken, out_channels=2)
     err = capsys.readouterr().err
     assert "has problems" in err and "cut.nii.gz" in err and "truncated" in err
 

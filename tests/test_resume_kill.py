@@ -2,9 +2,9 @@
 exact points, resumed with ``--resume true`` (each resumed run may itself be killed again later) and finish with
 weights, optimizer, scheduler, selector and random states bit-identical to an uninterrupted run.
 
-Every run is ``python -m monai.bundle run ...`` with the bundle's configs and the pending overlays
-(tests/pending_bundle_changes.py), in a process of its own: forked from a forkserver that did the imports once
-(``fault_injection.run_bundle_main`` runs ``monai.bundle``'s ``__main__`` with the command line), so a run
+Every run is ``python -m monai.bundle run ...`` with the bundle's shipped configs, in a process of its own:
+forked from a forkserver that did the imports once (``fault_injection.run_bundle_main`` runs ``monai.bundle``'s
+``__main__`` with the command line), so a run
 costs its training, not 5-20 s of imports. The kills come from inside (tests/fault_injection.py), so they hit
 the same point on every run; the process dies by SIGKILL (exit code -9), with no clean-up of its own.
 
@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import fault_injection
-from pending_bundle_changes import config_list, copy_bundle
+from bundle_copies import config_list, copy_bundle
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -83,7 +83,8 @@ class Bundle:
         process.start()
         process.join(timeout=600)
         if process.exitcode not in (0, KILLED):
-            pytest.fail(f"run {self.runs} ({names}) failed with exit code {process.exitcode}:\n{log.read_text(encoding="utf-8")[-4000:]}")
+            tail = log.read_text(encoding="utf-8")[-4000:]
+            pytest.fail(f"run {self.runs} ({names}) failed with exit code {process.exitcode}:\n{tail}")
         return process.exitcode
 
 

@@ -89,14 +89,14 @@ def _wait_ready(base: str, process: subprocess.Popen, log: Path) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < STARTUP_S:
         if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text(encoding="utf-8")[-4000:]}")
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text(encoding='utf-8')[-4000:]}")
         try:
             if requests.get(f"{base}/info/", timeout=2).status_code == 200:
                 return time.perf_counter() - start
         except requests.ConnectionError:
             pass
         time.sleep(0.25)
-    pytest.fail(f"the server did not answer /info/ within {STARTUP_S} s:\n{log.read_text(encoding="utf-8")[-4000:]}")
+    pytest.fail(f"the server did not answer /info/ within {STARTUP_S} s:\n{log.read_text(encoding='utf-8')[-4000:]}")
 
 
 def _stop(process: subprocess.Popen) -> None:
