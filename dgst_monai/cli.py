@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -322,8 +323,25 @@ def _check_arguments(command: str, signature: inspect.Signature, tokens: list[st
         raise CommandLineError(f"{command}: unexpected argument{'s' * (len(values) > 1)} {left}; options: {options}")
 
 
+#: Errors that are about the user's input, not a defect: a missing, unreadable or damaged file, or one of our
+#: own refusals (every error class of dgst_monai names the file and the problem).
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+)
+#: Set to 1 for the full traceback of an input error.
+DEBUG_VARIABLE = "DGST_MONAI_DEBUG"
+
+
+def _is_input_error(err: BaseException) -> bool:
+    return isinstance(err, _INPUT_ERRORS) or type(err).__module__.startswith("dgst_monai.")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run ``dgst-monai`` on ``argv`` (default ``sys.argv[1:]``); a refused command line exits with status 2."""
+    """Run ``dgst-monai`` on ``argv`` (default ``sys.argv[1:]``).
+
+    A refused command line exits with status 2; so does an input error (a missing or damaged file, a checkpoint
+    that does not fit, ...), with its one-line message instead of a traceback (``DGST_MONAI_DEBUG=1`` shows it).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     commands = Commands()
     try:
@@ -331,6 +349,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         fire.Fire(commands, command=args, name="dgst-monai")
     except CommandLineError as err:
         print(f"dgst-monai {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:
+        if not _is_input_error(err) or os.environ.get(DEBUG_VARIABLE) == "1":
+            raise
+        group = getattr(commands, args[0].replace("-", "_"), None)
+        sub = args[1:2] if len(args) > 1 and hasattr(group, args[1].replace("-", "_")) else []
+        command = " ".join([args[0], *sub])
+        print(f"dgst-monai {command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -118,3 +118,24 @@ def test_bundle_option_takes_a_folder_or_a_shipped_name(tmp_path):
         find_bundle("ln_ct_unet")
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         find_bundle(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["data", "split", "{tmp}/missing.json", "--shots", "3"], "dgst-monai data split: error: datalist {tmp}/missing.json does not exist"),
+        (["import-nnunet", "{tmp}/no_model", "--output", "{tmp}/m.pt"], "dgst-monai import-nnunet: error: {tmp}/no_model: not a directory"),
+        (["delta", "apply", "--base", "{tmp}/a.pt", "--delta", "{tmp}/d.pt", "--output", "{tmp}/b.pt"], "dgst-monai delta apply: error: checkpoint {tmp}/a.pt does not exist"),
+    ],
+)
+def test_an_input_error_is_one_line_and_status_2(argv, message, tmp_path, capsys, monkeypatch):
+    """A missing input stops the command with its message, not a traceback; DGST_MONAI_DEBUG=1 shows the error."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(message.format(tmp=tmp_path)) and len(err.splitlines()) == 1
+    monkeypatch.setenv("DGST_MONAI_DEBUG", "1")
+    with pytest.raises((FileNotFoundError, ValueError)):
+        main(argv)
+    assert list(tmp_path.iterdir()) == []
