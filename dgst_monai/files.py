@@ -1,5 +1,6 @@
-"""Atomic file writes (a reader, or a crash, sees the previous file or the whole new one), JSON reading and safe
-loading of PyTorch files.
+"""Atomic file writes, JSON reading and safe (``weights_only``) loading of PyTorch files.
+
+A reader, or a crash, sees the previous file or the whole new one.
 
 Every file dgst_monai writes (datalists, splits, reports, normalization, deltas, training states, phantoms) goes
 through :func:`atomic_open`: the data are written to a temporary file in the target's folder (same file system,

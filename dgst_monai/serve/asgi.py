@@ -1,5 +1,7 @@
-"""The web application ``dgst-monai serve`` runs: MONAI Label's, with its inference, training and label routes
-checked first (``python -m monailabel.main start_server --uvicorn_app dgst_monai.serve.asgi:app``).
+"""The web application ``dgst-monai serve`` runs: MONAI Label's, with its routes' requests checked first.
+
+Started as ``python -m monailabel.main start_server --uvicorn_app dgst_monai.serve.asgi:app``; the inference,
+training and label routes are checked before MONAI Label sees them.
 
 MONAI Label 0.8.5 answers every bad request with a 500 (an unknown study id even makes it read the server's
 working directory as a DICOM folder), keeps the uploads of failed requests in the temporary folder, and runs

@@ -1,5 +1,6 @@
-"""MONAI Label tasks around our bundle configs: segmentation with ``inference.json``, fine-tuning with
-``train.json`` + ``finetune.json``.
+"""MONAI Label tasks around our bundle configs: segmentation and DGST fine-tuning.
+
+Segmentation runs ``inference.json``; fine-tuning runs ``train.json`` + ``finetune.json``.
 
 Neither task uses MONAI Label's bundle tasks: those put an ``image_path`` string into the data dictionary (MONAI
 1.6's ``Spacingd`` then fails on it), drop the bundle's ``SaveImaged`` (the label comes back as float32) and
