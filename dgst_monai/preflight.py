@@ -10,7 +10,7 @@ component's signature). Each check prints one message saying what to do and exit
 
     "initialize": ["$dgst_monai.preflight.check_command_line()",
                    "$dgst_monai.preflight.check_output_folder(@ckpt_dir)",
-                   "$dgst_monai.preflight.check_data(@datalist, @out_channels)",
+                   "$dgst_monai.preflight.check_data(@datalist, @out_channels, @in_channels)",
                    "$monai.utils.set_determinism(seed=@seed)"]
 
 Example:
@@ -202,9 +202,10 @@ def check_output_folder(folder: str | os.PathLike[str], min_free_gb: float = 1.0
     return str(path)
 
 
-def check_data(datalist: str | os.PathLike[str], out_channels: int) -> str:
+def check_data(datalist: str | os.PathLike[str], out_channels: int, in_channels: int = 1) -> str:
     """Check a datalist before a bundle run: ``dgst-monai data check --quick`` (entries, files, headers, geometry,
-    file integrity) and label classes that fit the network's ``out_channels``.
+    file integrity), label classes that fit the network's ``out_channels`` and images that fit its
+    ``in_channels`` (the data check admits single-channel 3-D volumes only, one image per case).
 
     Returns:
         The datalist, for use in a config expression.
@@ -227,5 +228,10 @@ def check_data(datalist: str | os.PathLike[str], out_channels: int) -> str:
         _fail(
             f"the datalist {path} has {len(classes)} label classes {sorted(classes, key=int)} but the network has "
             f"out_channels={out_channels}; pass --out_channels {len(classes)} (and train from scratch) or relabel"
+        )
+    if int(in_channels) != 1:
+        _fail(
+            f"the network has in_channels={in_channels} but every image of the datalist {path} is one single-channel "
+            "CT volume; pass --in_channels 1"
         )
     return str(path)

@@ -108,6 +108,9 @@ def test_training_data_must_pass_the_data_check_and_fit_the_classes(
     with pytest.raises(SystemExit):
         check_data(three, out_channels=2)
     assert "has 3 label classes ['0', '1', '2'] but the network has out_channels=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        check_data(_datalist(tmp_path, tiny_ct), out_channels=2, in_channels=2)
+    assert "the network has in_channels=2" in capsys.readouterr().err
 
     broken = _datalist(tmp_path, tiny_ct)
     content = json.loads(broken.read_text(encoding="utf-8"))
