@@ -45,8 +45,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "plan": "$dgst_monai.networks.swinunetr_plan(@preset, version=@swin_version)",
         },
         "configs/metadata.json": {
-            "version": "0.2.0",
+            "version": "0.3.0",
             "changelog": {
+                "0.3.0": "Reliability, as ln_ct_dynunet 0.4.0: random streams in the training state and one seeded "
+                "RandomSampler pass per epoch (bit-identical resume), atomic model.pt, weights_only loading with "
+                "key/shape checks, SimpleITK reader for training, yes/no boolean overrides, checks in initialize",
                 "0.2.0": "Generated from ln_ct_dynunet (one source for both bundles); topology from the "
                 "dgst_monai presets; fine-tuning keeps the foundation's intensity normalisation",
                 "0.1.0": "First version: SwinUNETR counterpart of ln_ct_dynunet (same training, fine-tuning, "
