@@ -221,6 +221,31 @@ def fine_tuning_parts(args: argparse.Namespace, model: nn.Module) -> tuple[nn.Mo
     return parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer")
 
 
+def fixed_batch_trainer(
+    args: argparse.Namespace,
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    iterations: int = 1,
+    device: torch.device | None = None,
+    amp: bool = False,
+) -> SupervisedTrainer:
+    """The bundle's trainer (loss and optimizer of :func:`fine_tuning_parts`) over one fixed batch, without
+    decollation: there is no post-processing to feed, and it would add the same work to every mode."""
+    loss, optimizer = fine_tuning_parts(args, model)
+    image, label = batch
+    return SupervisedTrainer(
+        device=device or torch.device("cpu"),
+        max_epochs=1,
+        epoch_length=iterations,
+        train_data_loader=[{"image": image, "label": label}] * iterations,
+        network=model,
+        optimizer=optimizer,
+        loss_function=loss,
+        decollate=False,
+        amp=amp,
+    )
+
+
 def method_handler(mode: Mode) -> DGSTHandler | ReleasedMasking:
     """The handler a mode attaches: the real DGSTHandler, or the released construction."""
     if mode.kind == "released":
@@ -251,18 +276,7 @@ class ModeTrainer:
         iterations: int = 1,
     ) -> None:
         self.mode, self.model = mode, model
-        loss, optimizer = fine_tuning_parts(args, model)
-        image, label = batch
-        self.trainer = SupervisedTrainer(
-            device=torch.device("cpu"),
-            max_epochs=1,
-            epoch_length=iterations,
-            train_data_loader=[{"image": image, "label": label}] * iterations,
-            network=model,
-            optimizer=optimizer,
-            loss_function=loss,
-            decollate=False,
-        )
+        self.trainer = fixed_batch_trainer(args, model, batch, iterations)
         self.stamps: dict[str, float] = {}
         self.times: list[dict[str, float]] = []  # one entry per iteration run so far
         before = {

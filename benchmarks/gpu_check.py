@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dgst's helpers, whatever the working directory
 import bench_dgst  # noqa: E402
-from bench_dgst import Mode, fine_tuning_parts, log, median, method_handler, parse_mode  # noqa: E402
+from bench_dgst import Mode, fixed_batch_trainer, log, median, method_handler, parse_mode  # noqa: E402
 
 from dgst_monai import DGSTHandler  # noqa: E402
 from dgst_monai.sparsity import GradientSelector  # noqa: E402
@@ -87,19 +87,8 @@ def make_trainer(
         The trainer and the handler.
     """
     model = model.to(device)
-    loss, optimizer = fine_tuning_parts(args, model)
     image, label = (t.to(device) for t in batch)
-    trainer = SupervisedTrainer(
-        device=device,
-        max_epochs=1,
-        epoch_length=iterations,
-        train_data_loader=[{"image": image, "label": label}] * iterations,
-        network=model,
-        optimizer=optimizer,
-        loss_function=loss,
-        decollate=False,
-        amp=amp,
-    )
+    trainer = fixed_batch_trainer(args, model, (image, label), iterations, device=device, amp=amp)
     events = (IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED)
     if around_handler:
         for event in events:
