@@ -93,11 +93,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 TRAIN_SIDES = ("ours-pretrain", "ours-dgst", "nnunet")
 INFER_SIDES = ("ours", "nnunet")
-#: our-side variants, timed as extra sides: "centred-gaussian" (inference) weights the windows with a Gaussian
-#: centred on voxel patch // 2 (nnU-Net's choice; MONAI centres it at (patch - 1) / 2)
-#: "channels-last" runs the network in torch.channels_last_3d memory format (training: the pre-training side)
-OUR_VARIANTS = ("centred-gaussian", "channels-last")
-TRAIN_VARIANTS = ("channels-last",)
+#: our-side variants, timed as extra sides: "monai-gaussian" (inference) weights the windows with MONAI's own
+#: Gaussian, centred at (patch - 1) / 2, instead of the bundles' nnU-Net-style one centred on voxel patch // 2;
+#: "channels-last" runs the network in torch.channels_last_3d memory format (training: the pre-training side);
+#: "bf16" sets the bundles' ``precision`` to bfloat16 (the network's forward pass autocast, weights, loss and
+#: gradients float32; nnU-Net autocasts only on CUDA, so its CPU side stays float32)
+OUR_VARIANTS = ("monai-gaussian", "channels-last", "bf16")
+#: training variant -> the our-side training sides it is timed for
+TRAIN_VARIANTS = {"channels-last": ("ours-pretrain",), "bf16": ("ours-pretrain", "ours-dgst")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,6 +278,8 @@ def train_ours(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if dgst:
         overrides.update(shots=spec["cases"], normalization="cases")
+    if spec["side"].endswith("-bf16"):
+        overrides["precision"] = "bfloat16"
     for key, value in overrides.items():
         parser[key] = value
     t0 = time.perf_counter()
@@ -359,10 +364,12 @@ def infer_ours(spec: dict[str, Any]) -> dict[str, Any]:
                        "output_dir": spec["output_dir"], "mirror": False, "amp": False,
                        "device": "$torch.device('cpu')"}.items():
         parser[key] = value
+    if spec.get("variant") == "bf16":
+        parser["precision"] = "bfloat16"
     evaluator = parser.get_parsed_content("evaluator")
-    if spec.get("variant") == "centred-gaussian":
-        window = evaluator.inferer.inferer  # the bundle's MirroringInferer around its SlidingWindowInferer
-        window.roi_weight_map = centred_gaussian(window.roi_size, window.sigma_scale)
+    if spec.get("variant") == "monai-gaussian":
+        window = evaluator.inferer.inferer.inferer  # AutocastInferer > MirroringInferer > the sliding window
+        window.roi_weight_map = None  # MONAI computes its own Gaussian per call
     if spec.get("variant") == "channels-last":
         evaluator.network.to(memory_format=torch.channels_last_3d)
     torch.set_num_threads(spec["threads"])
@@ -374,22 +381,6 @@ def infer_ours(spec: dict[str, Any]) -> dict[str, Any]:
     _peak(out, rss_before)
     out["mask"] = str(next(Path(spec["output_dir"]).glob("*.nii.gz")))
     return out
-
-
-def centred_gaussian(roi_size: Any, sigma_scale: float) -> Any:
-    """Window weights: a Gaussian peaking at voxel ``size // 2`` per axis (sigma ``sigma_scale * size``), max 1,
-    floored at its smallest positive value so that no voxel of a window has zero weight.
-
-    MONAI's ``compute_importance_map`` centres its Gaussian between voxels on even sizes; this one is the
-    variant whose windows weigh the voxels as nnU-Net's predictor does.
-    """
-    import torch
-
-    axes = [torch.exp(-0.5 * ((torch.arange(n, dtype=torch.float64) - n // 2) / (sigma_scale * n)) ** 2)
-            for n in roi_size]
-    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weights = weights / weights.max()
-    return weights.clamp_min(weights[weights > 0].min()).float()
 
 
 def infer_nnunet(spec: dict[str, Any]) -> dict[str, Any]:
@@ -416,7 +407,7 @@ def infer_nnunet(spec: dict[str, Any]) -> dict[str, Any]:
 WORKERS = {"train-ours-pretrain": train_ours, "train-ours-dgst": train_ours, "train-nnunet": train_nnunet,
            "infer-ours": infer_ours, "infer-nnunet": infer_nnunet,
            **{f"infer-ours-{v}": infer_ours for v in OUR_VARIANTS},
-           **{f"train-ours-pretrain-{v}": train_ours for v in TRAIN_VARIANTS}}
+           **{f"train-{side}-{v}": train_ours for v, sides in TRAIN_VARIANTS.items() for side in sides}}
 
 
 def run_worker(kind: str, spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -451,7 +442,7 @@ def dice(mask_a: str, mask_b: str) -> dict[str, Any]:
 
 
 def bench_train(args: argparse.Namespace, base: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    sides = [*TRAIN_SIDES, *(f"ours-pretrain-{v}" for v in args.train_variants)]
+    sides = [*TRAIN_SIDES, *(f"{side}-{v}" for v in args.train_variants for side in TRAIN_VARIANTS[v])]
     raw: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     for r in range(args.rounds):
         for side in sides:
@@ -554,10 +545,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed training iterations per side and round")
     p.add_argument("--infer-rounds", type=int, default=1, help="inference rounds per volume")
     p.add_argument("--volumes", nargs="*", help="inference volumes of the preset to run (default: all)")
-    p.add_argument("--variants", nargs="*", default=["centred-gaussian"], choices=OUR_VARIANTS,
+    p.add_argument("--variants", nargs="*", default=["monai-gaussian"], choices=OUR_VARIANTS,
                    help="our-side inference variants timed as extra sides")
-    p.add_argument("--train-variants", nargs="*", default=[], choices=TRAIN_VARIANTS,
-                   help="variants of our pre-training side timed as extra sides")
+    p.add_argument("--train-variants", nargs="*", default=[], choices=sorted(TRAIN_VARIANTS),
+                   help="variants of our training sides timed as extra sides")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes, both sides")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "inference"])

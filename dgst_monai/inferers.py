@@ -1,4 +1,4 @@
-"""Inferers: test-time mirroring around any MONAI inferer."""
+"""Inferers: nnU-Net's Gaussian window weights, test-time mirroring and reduced-precision network calls."""
 
 from __future__ import annotations
 
@@ -7,9 +7,74 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SlidingWindowInferer
 
-__all__ = ["MirroringInferer"]
+__all__ = ["PRECISIONS", "AutocastInferer", "GaussianSlidingWindowInferer", "MirroringInferer", "centred_gaussian"]
+
+#: ``precision`` settings of the bundles -> autocast dtype (None: the network runs as it is, in float32).
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+
+def centred_gaussian(roi_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """Window weights peaking at voxel ``n // 2`` of each axis of size ``n``, with sigma ``sigma_scale * n``.
+
+    The weights are scaled to a maximum of 1 and floored at their smallest positive value, so no voxel of a
+    window weighs zero. This is how nnU-Net's predictor weighs its windows. MONAI's ``compute_importance_map``
+    centres its Gaussian between two voxels on even sizes, which moves the masks at voxels where overlapping
+    windows disagree.
+
+    Args:
+        roi_size: the window size per spatial axis.
+        sigma_scale: sigma as a fraction of the window size (nnU-Net and MONAI: 0.125).
+
+    Returns:
+        A float32 tensor of shape ``roi_size``.
+
+    Example::
+
+        weights = centred_gaussian((96, 96, 64))  # weights[48, 48, 32] == 1
+    """
+    axes = [
+        torch.exp(-0.5 * ((torch.arange(n, dtype=torch.float64) - n // 2) / (sigma_scale * n)) ** 2)
+        for n in roi_size
+    ]
+    weights = axes[0]
+    for axis in axes[1:]:
+        weights = weights[..., None] * axis
+    weights = weights / weights.max()
+    return weights.clamp_min(weights[weights > 0].min()).float()
+
+
+class GaussianSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's sliding-window inferer with nnU-Net's Gaussian window weights (:func:`centred_gaussian`).
+
+    Everything else (window placement, overlap, padding, batching of windows) is MONAI's. On volumes whose
+    windows fall where nnU-Net's do, the same weights then give nnU-Net's mask (``benchmarks/bench_nnunet.py``).
+
+    Args:
+        roi_size: the window size per spatial axis.
+        sw_batch_size: windows per network call.
+        overlap: fraction of the window shared by neighbours (nnU-Net's tile step 0.5 is overlap 0.5).
+        sigma_scale: sigma as a fraction of the window size.
+        **kwargs: further :class:`monai.inferers.SlidingWindowInferer` arguments (``padding_mode``, ``device``, ...).
+
+    Example::
+
+        inferer = GaussianSlidingWindowInferer(roi_size=(96, 96, 64), sw_batch_size=2, overlap=0.5)
+        logits = inferer(image, network)
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 1,
+        overlap: float = 0.5,
+        sigma_scale: float = 0.125,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(roi_size, sw_batch_size, overlap, mode="gaussian", sigma_scale=sigma_scale, **kwargs)
+        self.roi_weight_map = centred_gaussian([int(n) for n in roi_size], sigma_scale)
 
 
 class MirroringInferer(Inferer):
@@ -89,3 +154,72 @@ class MirroringInferer(Inferer):
             return total / len(self._flips)
 
         return torch.log(self.inferer(inputs, mirrored, *args, **kwargs).clamp_min(self.eps))
+
+
+class AutocastInferer(Inferer):
+    """Runs every network call of another inferer under ``torch.autocast`` on the input's device, in ``precision``.
+
+    MONAI's engines autocast only on CUDA (their ``amp`` flag); this runs the forward pass in bfloat16 (or
+    float16) on any device, CPU included, where oneDNN's bfloat16 convolutions (AMX / AVX-512 BF16, e.g. Intel
+    Sapphire Rapids or AMD Zen 4) are several times faster than float32. Each network output is cast back to
+    float32, so what follows (window aggregation, softmax, loss, backward's parameter gradients) stays in
+    float32; the weights are never converted. As a trainer's ``inferer`` it autocasts the training forward pass
+    while the loss and backward run outside autocast, as PyTorch recommends; bfloat16 needs no gradient scaler.
+
+    Args:
+        inferer: the inferer whose network calls to autocast (``SimpleInferer`` for training, the sliding window
+            or :class:`MirroringInferer` for inference).
+        precision: ``"float32"`` (no autocast: the wrapped inferer runs unchanged), ``"bfloat16"`` or
+            ``"float16"``.
+
+    Raises:
+        ValueError: an unknown ``precision``, naming the accepted ones.
+
+    Example::
+
+        inferer = AutocastInferer(MirroringInferer(SlidingWindowInferer(roi_size=(96, 96, 64))), "bfloat16")
+        logits = inferer(image, network)  # float32, computed with bfloat16 convolutions
+    """
+
+    def __init__(self, inferer: Inferer, precision: str = "float32") -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r} (e.g. --precision bfloat16)"
+            )
+        self.inferer = inferer
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Run the wrapped inferer with ``network`` autocast (or unchanged for ``"float32"``).
+
+        Args:
+            inputs: batch-first input, ``(B, C, *spatial)``.
+            network: the model.
+            *args: passed to the wrapped inferer and on to ``network``.
+            **kwargs: passed to the wrapped inferer and on to ``network``.
+        """
+        if self.dtype is None:
+            return self.inferer(inputs, network, *args, **kwargs)
+        dtype = self.dtype
+
+        def autocast(x: torch.Tensor, *a: Any, **k: Any) -> Any:
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
+                out = network(x, *a, **k)
+            return _to_float32(out)
+
+        return self.inferer(inputs, autocast, *args, **kwargs)
+
+
+def _to_float32(out: Any) -> Any:
+    """Floating tensors of a network output (a tensor, or a tuple / list / dict of them) as float32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_float32(v) for k, v in out.items()}
+    return out

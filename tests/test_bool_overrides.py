@@ -26,7 +26,7 @@ PROBE: dict[str, Any] = {
         "loads_foundation": "$any(type(h).__name__ == 'SafeCheckpointLoader' for h in @train#handlers)",
         "trainer_amp": "$@train#trainer.amp",
         "evaluator_amp": "$@validate#evaluator.amp",
-        "mirror": "$@inferer.enabled",
+        "mirror": "$@inferer.inferer.enabled",
         "size_prior": "$@size_prior_handler is not None",
     },
     "run": ["$open(@probe_file, 'w').write(json.dumps(@probe))"],
@@ -116,5 +116,5 @@ def test_inference_mirror_and_amp_false(tmp_path: Path) -> None:
     parser = ConfigParser()
     parser.read_config(config_list(root, "inference"))
     parser.update({"preset": "tiny", "mirror": "false", "amp": "false"})
-    assert parser.get_parsed_content("inferer").enabled is False
+    assert parser.get_parsed_content("inferer").inferer.enabled is False
     assert parser.get_parsed_content("evaluator").amp is False

@@ -1,4 +1,5 @@
-"""Inference keeps the input's exact geometry, and test-time mirroring averages probabilities over flips."""
+"""Inference keeps the input's exact geometry, windows weigh voxels as nnU-Net does, and test-time mirroring
+averages probabilities over flips."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from bundle_support import BUNDLES, TINY_NETWORK
 from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
-from dgst_monai.inferers import MirroringInferer
+from dgst_monai.inferers import GaussianSlidingWindowInferer, MirroringInferer, centred_gaussian
 from dgst_monai.normalization import save_normalization
 from dgst_monai.predict import find_inputs, mask_path, predict
 
@@ -111,6 +112,29 @@ def test_mirroring_inferer_averages_softmax_over_flips():
         torch.testing.assert_close(torch.softmax(windowed, 1).sum(1), torch.ones(2, 8, 6, 4))
     with pytest.raises(ValueError, match="distinct"):
         MirroringInferer(SimpleInferer(), spatial_axes=(0, 0))
+
+
+def test_centred_gaussian_peaks_on_the_middle_voxel_and_never_weighs_zero():
+    weights = centred_gaussian((6, 5, 96))
+    assert weights.shape == (6, 5, 96) and weights.dtype == torch.float32
+    assert tuple(int(i) for i in np.unravel_index(int(weights.argmax()), weights.shape)) == (3, 2, 48)
+    assert weights.max().item() == 1.0 and weights.min().item() > 0
+    # symmetric about n // 2 along each axis: voxel 48 - d weighs what 48 + d does
+    assert torch.equal(weights[3, 2, 48 - 20], weights[3, 2, 48 + 20])
+    # MONAI's map peaks between voxels 47 and 48 of an even axis, so the two differ there
+    monai_map = SlidingWindowInferer((6, 5, 96), mode="gaussian", cache_roi_weight_map=True).roi_weight_map
+    assert monai_map[3, 2, 47] == monai_map[3, 2, 48] and weights[3, 2, 47] < weights[3, 2, 48]
+
+
+def test_gaussian_sliding_window_uses_centred_weights_and_keeps_a_constant_output():
+    inferer = GaussianSlidingWindowInferer(roi_size=(16, 16, 8), sw_batch_size=2, overlap=0.5)
+    assert torch.equal(inferer.roi_weight_map, centred_gaussian((16, 16, 8)))
+    image = torch.randn(1, 1, 40, 36, 20, generator=torch.Generator().manual_seed(0))
+    # weights are normalised per voxel: an identity network gives the image back, a window-wise shift does not
+    assert torch.allclose(inferer(image, lambda x: x), image, atol=1e-5)
+    calls = iter(range(1000))
+    shifted = inferer(image, lambda x: x + float(next(calls)))
+    assert not torch.allclose(shifted, image, atol=1e-3)
 
 
 def test_find_inputs_and_clashing_outputs(tmp_path):

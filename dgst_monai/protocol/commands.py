@@ -72,7 +72,7 @@ class BenchmarkCommands:
             ablation: Table 2 methods, run beside them.
             gamma: DGST gamma values of the sensitivity sweep.
             eval_at: also score the checkpoints after these iterations (budget sweep).
-            overrides: further bundle overrides for every cell, e.g. ``'{"inferer#inferer#overlap": 0.25}'``.
+            overrides: further bundle overrides for every cell, e.g. ``'{"precision": "bfloat16"}'``.
             preset: network preset.
             max_epochs: fine-tuning epochs.
             iterations_per_epoch: iterations per epoch.

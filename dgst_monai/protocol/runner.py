@@ -224,7 +224,7 @@ def run_benchmark(
         iterations_per_epoch: iterations per epoch (default: the preset's).
         eval_at: also score the checkpoints after these iteration counts (the budget sweep).
         bundle_overrides: further bundle overrides for every run of every cell (part of the protocol), e.g.
-            ``{"inferer#inferer#overlap": 0.25}``; the keys the runner sets per cell are refused.
+            ``{"precision": "bfloat16"}``; the keys the runner sets per cell are refused.
         target: synthetic target without ``datalist``: ``multisite`` or ``mediastinum`` (single scanner).
         synthetic: sizes of the synthetic default: ``default`` or ``tiny`` (tests).
         cache: folder of the synthetic data and foundation (default ``<out>/cache``).
