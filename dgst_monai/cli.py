@@ -32,7 +32,7 @@ import fire
 from dgst_monai.data.commands import DataCommands
 from dgst_monai.protocol.commands import BenchmarkCommands
 
-__all__ = ["CommandLineError", "Commands", "check_command_line", "main"]
+__all__ = ["REPEATABLE", "CommandLineError", "Commands", "check_command_line", "command_help", "main", "merge_repeated_options"]
 
 
 class Data(DataCommands):
@@ -186,8 +186,8 @@ class Commands:
         study or an upload, ``/train/<bundle>`` with ``{"method": "dgst", "shots": N}`` fine-tunes the
         foundation on the studies with a submitted label, and the next inference uses the fine-tune.
 
-        Several bundles follow ``--bundle`` (``--bundle a b``) or come as a list (``--bundle "[a, b]"``); default
-        ``ln_ct_dynunet``. ``--checkpoint`` gives the foundation weights of each bundle in the same order (one
+        Several bundles repeat ``--bundle`` (``--bundle a --bundle b``), follow it (``--bundle a b``) or come as a
+        list (``--bundle "[a, b]"``); default ``ln_ct_dynunet``. ``--checkpoint`` gives the foundation weights of each bundle in the same order (one
         path, or a list), ``--preset`` the network they were trained with (one for all, or a list). Listens on
         the loopback address unless ``--host`` says otherwise; the app folder (default ``<studies>_monailabel``)
         keeps the fine-tunes. ``--dry_run`` lays out the app and prints the server's command line."""
@@ -254,17 +254,99 @@ def check_command_line(root: Any, argv: Sequence[str]) -> None:
     """
     if any(arg in ("--", "-", "--help", "-h") for arg in argv):
         return
+    component, path, tokens = _find_command(root, argv)
+    if inspect.isroutine(component):
+        _check_arguments(" ".join(path), inspect.signature(component), tokens)
+    elif path and callable(component) and not inspect.isclass(component):
+        _check_arguments(" ".join(path), inspect.signature(component.__call__), tokens)
+
+
+def _find_command(root: Any, argv: Sequence[str]) -> tuple[Any, list[str], list[str]]:
+    """The member of ``root`` that ``argv`` names (``data index`` -> ``root.data.index``), its path and the rest."""
     component, path, tokens = root, [], list(argv)
     while tokens and not inspect.isroutine(component):
         name = tokens[0]
         member = getattr(component, name.replace("-", "_"), None)
         if name.startswith(("-", "_")) or member is None:
-            break  # options of a callable group (``benchmark --out``); else fire reports the unknown command
+            break  # options of a callable group (``benchmark --output``); else fire reports the unknown command
         component, path, tokens = member, [*path, name], tokens[1:]
-    if inspect.isroutine(component):
-        _check_arguments(" ".join(path), inspect.signature(component), tokens)
-    elif path and callable(component) and not inspect.isclass(component):
-        _check_arguments(" ".join(path), inspect.signature(component.__call__), tokens)
+    return component, path, tokens
+
+
+def command_help(root: Any, argv: Sequence[str]) -> str | None:
+    """The help of the command ``argv`` names when it asks for it (``--help`` / ``-h``), else None.
+
+    fire's generated help lists one-letter aliases (``-o``) that :func:`check_command_line` refuses; this one
+    lists the options as they must be written. Groups of commands (``dgst-monai data --help``) return None and
+    are left to fire, which lists their commands.
+
+    Example::
+
+        print(command_help(Commands(), ["predict", "--help"]))  # usage line, description, --options
+    """
+    if not any(a in ("--help", "-h") for a in argv) or "--" in argv:
+        return None
+    component, path, _ = _find_command(root, [a for a in argv if a not in ("--help", "-h")])
+    if not path:
+        return None
+    if not inspect.isroutine(component):
+        if not callable(component) or inspect.isclass(component):
+            return None
+        component = component.__call__
+    signature = inspect.signature(component)
+    parts = []
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_POSITIONAL:
+            parts.append(f"[{param.name.upper()} ...]")
+        elif param.kind is param.POSITIONAL_OR_KEYWORD and param.default is param.empty:
+            parts.append(param.name.upper())
+        elif param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+            if isinstance(param.default, bool):
+                parts.append(f"[--{param.name}]")
+            elif param.default is param.empty:
+                parts.append(f"--{param.name} {param.name.upper()}")
+            elif param.default is None:
+                parts.append(f"[--{param.name} {param.name.upper()}]")
+            else:
+                parts.append(f"[--{param.name} {param.default!r}]")
+    doc = inspect.cleandoc(component.__doc__ or "")
+    return f"usage: dgst-monai {' '.join(path)} {' '.join(parts)}\n\n{doc}".rstrip()
+
+
+#: Options a command takes once per item, repeated (``serve --bundle a --bundle b``).
+REPEATABLE: dict[str, tuple[str, ...]] = {"serve": ("bundle", "checkpoint", "preset")}
+
+
+def merge_repeated_options(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each repeated option of :data:`REPEATABLE` merged into one list-valued option.
+
+    fire keeps only the last of a repeated option, so ``serve --bundle a --bundle b`` becomes
+    ``serve --bundle=[a, b]`` (the form the command reads as a list). Options given once, and every other
+    command, are left as they are (a repeated option is then refused by :func:`check_command_line`).
+
+    Example:
+        >>> merge_repeated_options(["serve", "--bundle", "a", "--studies", "s", "--bundle=b"])
+        ['serve', '--studies', 's', '--bundle=[a, b]']
+    """
+    args = list(argv)
+    names = REPEATABLE.get(args[0], ()) if args else ()
+    for name in names:
+        spots = [i for i, a in enumerate(args) if a == f"--{name}" or a.startswith(f"--{name}=")]
+        if len(spots) < 2:
+            continue
+        values: list[str] = []
+        drop: set[int] = set()
+        for i in spots:
+            if args[i].startswith(f"--{name}="):
+                values.append(args[i].partition("=")[2])
+                drop.add(i)
+            elif i + 1 < len(args) and not _is_flag(args[i + 1]):
+                values.append(args[i + 1])
+                drop.update((i, i + 1))
+            else:
+                raise CommandLineError(f"{args[0]}: --{name} needs a value")
+        args = [a for i, a in enumerate(args) if i not in drop] + [f"--{name}=[{', '.join(values)}]"]
+    return args
 
 
 def _is_flag(arg: str) -> bool:
@@ -296,7 +378,8 @@ def _check_arguments(command: str, signature: inspect.Signature, tokens: list[st
             fix = f"write it out: --{full[0]}" if len(full) == 1 else f"options: {options}"
             raise CommandLineError(f"{command}: unknown option {token.partition('=')[0]}; {fix}")
         if key in given:
-            raise CommandLineError(f"{command}: --{key} given twice; give it once (several scans: --input a b)")
+            hint = " (several scans: --input a b)" if "input" in named else ""
+            raise CommandLineError(f"{command}: --{key} given twice; give it once{hint}")
         given.add(key)
         switch = key in named and isinstance(named[key].default, bool)
         if switch_syntax:
@@ -344,7 +427,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     commands = Commands()
+    usage = command_help(commands, args)
+    if usage is not None:
+        print(usage)
+        return
     try:
+        args = merge_repeated_options(args)
         check_command_line(commands, args)
         fire.Fire(commands, command=args, name="dgst-monai")
     except CommandLineError as err:

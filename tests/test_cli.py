@@ -3,6 +3,7 @@ work when fire would bind a value to a parameter the user did not name."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from test_inference_geometry import tiny_checkpoint  # noqa: F401 - the fixture:
 
 import dgst_monai.demo
 import dgst_monai.predict
-from dgst_monai.cli import CommandLineError, Commands, check_command_line, main
+from dgst_monai.cli import CommandLineError, Commands, check_command_line, main, merge_repeated_options
 from dgst_monai.predict import mask_path
 from dgst_monai.resources import bundle_dir, find_bundle
 
@@ -66,7 +67,7 @@ def test_predict_segments_every_scan_and_leaves_mirror_off(
         (["data", "index", "DIR", "--dataset", "lnq2023", "dl.json"], "'dl.json' would be taken as --output"),
         (["import-nnunet", "folder", "model.pt"], "unexpected argument 'model.pt'; options: --model_folder, --output"),
         (["methods", "dynunet"], "unexpected argument 'dynunet'"),
-        (["benchmark", "--out", "runs/b", "--shot", "5"], "benchmark: unknown option --shot"),
+        (["benchmark", "--output", "runs/b", "--shot", "5"], "benchmark: unknown option --shot"),
         (["benchmark", "runs/b"], "benchmark: unexpected argument 'runs/b'"),
     ],
 )
@@ -101,7 +102,7 @@ def test_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch, p
         ["import-nnunet", "nnunet_folder", "--output", "model.pt", "--fold", "all"],
         ["demo", "--preset", "tiny", "--output", "runs/tiny"],
         ["demo", "--help"],
-        ["benchmark", "--out", "runs/b", "--shots", "5,10", "--methods", "full,dgst", "--threads", "1"],
+        ["benchmark", "--output", "runs/b", "--shots", "5,10", "--methods", "full,dgst", "--threads", "1"],
         ["benchmark", "report", "runs/b"],
     ],
 )
@@ -139,3 +140,28 @@ def test_an_input_error_is_one_line_and_status_2(argv, message, tmp_path, capsys
     with pytest.raises((FileNotFoundError, ValueError)):
         main(argv)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repeated_serve_options_become_one_list_and_other_repeats_are_refused():
+    """``serve --bundle a --bundle b`` is one list (fire would keep only ``b``); a repeat elsewhere stays refused."""
+    merged = merge_repeated_options(
+        ["serve", "--bundle", "a", "--studies", "s", "--bundle=b", "--checkpoint", "x.pt", "--checkpoint", "y.pt"]
+    )
+    assert merged == ["serve", "--studies", "s", "--bundle=[a, b]", "--checkpoint=[x.pt, y.pt]"]
+    check_command_line(Commands(), merged)
+    assert merge_repeated_options(["serve", "--bundle", "a", "b"]) == ["serve", "--bundle", "a", "b"]
+    with pytest.raises(CommandLineError, match="serve: --bundle needs a value"):
+        merge_repeated_options(["serve", "--bundle", "a", "--bundle", "--port", "1"])
+    with pytest.raises(CommandLineError, match=r"demo: --preset given twice; give it once$"):
+        check_command_line(Commands(), merge_repeated_options(["demo", "--preset", "a", "--preset", "b"]))
+
+
+def test_help_lists_the_options_as_they_must_be_written(capsys):
+    """``predict --help`` shows ``--output OUTPUT`` and no one-letter alias that the check would refuse."""
+    main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: dgst-monai predict [SCANS ...] --bundle BUNDLE --output OUTPUT [--input INPUT]")
+    assert "[--mirror]" in text and "Segment lymph nodes" in text
+    assert not re.search(r"(^|\s)-[a-z]\b", text)
+    main(["benchmark", "--help"])
+    assert capsys.readouterr().out.startswith("usage: dgst-monai benchmark --output OUTPUT [--datalist DATALIST]")

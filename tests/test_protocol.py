@@ -171,7 +171,7 @@ def test_a_rerun_skips_finished_cells_and_refuses_other_settings(tiny_run, cache
 def test_a_run_killed_mid_cell_resumes_and_finishes(cache, tiny_run):
     """The command line adds a Bias cell to the tiny run; SIGKILL it in that cell, rerun, and it finishes."""
     command = [
-        sys.executable, "-m", "dgst_monai.cli", "benchmark", "--out", str(tiny_run), "--cache", str(cache),
+        sys.executable, "-m", "dgst_monai.cli", "benchmark", "--output", str(tiny_run), "--cache", str(cache),
         "--synthetic", "tiny", "--preset", "tiny", "--methods", "bias", "--shots", "1", "--seeds", "0",
         "--max_epochs", "2", "--iterations_per_epoch", "1", "--eval_at", "1", "--bundle", BUNDLE, "--threads", "1",
         "--progress=False",

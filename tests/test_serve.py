@@ -236,13 +236,15 @@ def test_ten_concurrent_inferences_succeed_while_info_answers(server, tmp_path, 
             time.sleep(0.1)
         results = [f.result() for f in futures]
     assert [status for status, _, _ in results] == [200] * 10
-    assert info_s, "the inferences finished before /info/ was asked"
-    assert max(info_s) < INFO_BOUND_S
+    latencies = sorted(s for _, s, _ in results)
+    # /info/ kept answering, promptly, the whole time: a server doing inference on its event loop answers it
+    # once or twice, each time after a whole inference
+    assert len(info_s) >= 3, f"/info/ answered {len(info_s)} times in {latencies[-1]:.2f} s of inference"
+    assert max(info_s) < min(INFO_BOUND_S, latencies[-1] / 3), (info_s, latencies)
     for i, (_, _, content) in enumerate(results):
         path = tmp_path / f"c{i}.nii.gz"
         path.write_bytes(content)
         _assert_mask_of(sitk.ReadImage(str(path)), server.studies / f"{CASES[i % len(CASES)]}.nii.gz")
-    latencies = sorted(s for _, s, _ in results)
     print(
         f"\nserve: 10 concurrent inferences: latency min {latencies[0]:.2f} s, median {latencies[5]:.2f} s, "
         f"max {latencies[-1]:.2f} s; /info/ meanwhile {len(info_s)} answers, max {max(info_s) * 1000:.0f} ms"
@@ -338,7 +340,10 @@ def test_clinical_loop_dgst_finetune_is_served_next_and_foundation_untouched(ser
     (run,) = sorted((model_dir / "models" / "finetuned").iterdir())
     tuned = run / "model.pt"
     assert tuned.is_file() and (run / "normalization.json").is_file()
-    assert json.loads((run / "datalist.json").read_text(encoding="utf-8"))["training"][0]["case_id"] in ("hn_0000", "hn_0001")
+    trained_on = json.loads((run / "datalist.json").read_text(encoding="utf-8"))["training"]
+    assert sorted(case["case_id"] for case in trained_on) == ["hn_0000", "hn_0001"]  # the two labelled studies
+    record = json.loads((run / "training_record.json").read_text(encoding="utf-8"))
+    assert (record["method"], record["shots"]) == ("dgst", 2)
 
     # the next inference comes from the fine-tuned weights: the response says so, and the mask is the bundle's own
     # prediction with that checkpoint, not the foundation's
@@ -364,7 +369,8 @@ def test_clinical_loop_dgst_finetune_is_served_next_and_foundation_untouched(ser
 
 
 def test_cli_takes_several_bundles_as_a_list(server, tmp_path):
-    """``--bundle "[a, b]"`` and a Python list literal lay out both models; ``--dry_run`` prints the command."""
+    """``--bundle "[a, b]"``, a Python list literal, or ``--bundle`` once per model lay out both models; ``--dry_run``
+    prints the command."""
     app = tmp_path / "app"
     swin = server.app / "model" / SWINUNETR / "models" / "model.pt"
     result = subprocess.run(
@@ -378,6 +384,17 @@ def test_cli_takes_several_bundles_as_a_list(server, tmp_path):
     assert json.loads((app / "serve.json").read_text(encoding="utf-8"))["models"] == [DYNUNET, SWINUNETR]
     assert "-m monailabel.main start_server" in result.stdout and "--host 127.0.0.1" in result.stdout
     assert "--uvicorn_app dgst_monai.serve.asgi:app" in result.stdout
+    # the same, one --bundle / --checkpoint / --preset per model
+    repeated = tmp_path / "app_repeated"
+    result = subprocess.run(
+        [sys.executable, "-m", "dgst_monai.cli", "serve", "--bundle", str(BUNDLES / DYNUNET),
+         "--checkpoint", str(server.foundation), "--preset", "tiny", "--bundle", str(BUNDLES / SWINUNETR),
+         "--checkpoint", str(swin), "--preset", "tiny", "--studies", str(server.studies),
+         "--app_dir", str(repeated), "--dry_run"],
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((repeated / "serve.json").read_text(encoding="utf-8"))["models"] == [DYNUNET, SWINUNETR]
 
 
 def test_layout_serves_a_finetune_only_for_its_own_foundation(tmp_path):

@@ -2,7 +2,7 @@
 
 Usage::
 
-    dgst-monai benchmark --out DIR [--datalist D.json --foundation model.pt] --shots 5,10,20 --seeds 0,1,2
+    dgst-monai benchmark --output DIR [--datalist D.json --foundation model.pt] --shots 5,10,20 --seeds 0,1,2
         --methods scratch,full,linear_probe,bias,norm,adapter,lora,dgst [--ablation encoder,decoder,bias_norm,drst,sgst]
         [--gamma 1,2,3,5,10] [--eval_at 100,300,1000] [--preset cpu_small] [--max_epochs E --iterations_per_epoch I]
         [--target multisite|mediastinum] [--executor local|slurm|submitit-local --slurm '{"slurm_partition": "gpu"}']
@@ -29,7 +29,7 @@ class BenchmarkCommands:
     def __call__(
         self,
         *,
-        out: str,
+        output: str,
         datalist: str | None = None,
         foundation: str | None = None,
         shots: Any = "5,10,20",
@@ -53,7 +53,7 @@ class BenchmarkCommands:
         threads: int | None = None,
         progress: bool = True,
     ) -> str:
-        """Run every cell of the grid that has no result in ``--out`` yet (a rerun resumes), then write the report.
+        """Run every cell of the grid that has no result in ``--output`` yet (a rerun resumes), then write the report.
 
         Without ``--datalist`` and ``--foundation``: the synthetic default (``--target multisite`` or the
         single-scanner ``mediastinum``; 100 target cases split 8:2, a foundation model pre-trained on the source
@@ -63,7 +63,7 @@ class BenchmarkCommands:
         checkpoint (and those of ``--eval_at``) with ``evaluate.json`` on the whole test split.
 
         Args:
-            out: the run folder.
+            output: the run folder.
             datalist: target datalist (MONAI JSON); split 8:2 with seed 0 unless it has a ``test`` list.
             foundation: foundation checkpoint (``normalization.json`` beside it).
             shots: shot levels.
@@ -94,7 +94,7 @@ class BenchmarkCommands:
 
         return str(
             run_benchmark(
-                str(out), datalist=datalist, foundation=foundation, shots=shots, seeds=seeds, methods=methods,
+                str(output), datalist=datalist, foundation=foundation, shots=shots, seeds=seeds, methods=methods,
                 ablation=ablation, gamma=gamma, eval_at=eval_at, bundle_overrides=overrides, preset=str(preset),
                 max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch, target=str(target),
                 synthetic=str(synthetic), cache=cache, pretrain_epochs=pretrain_epochs, bundle=str(bundle),

@@ -327,7 +327,7 @@ def run_benchmark(
             raise BenchmarkError(
                 f"{out} holds a benchmark with other settings ({', '.join(differ)}: "
                 f"{[previous['protocol'].get(k) for k in differ]} there, {[protocol[k] for k in differ]} now); "
-                "use another --out, or the same settings to resume it"
+                "use another --output, or the same settings to resume it"
             )
         grid = {k: _merge_names(previous["grid"].get(k, []), v) for k, v in grid.items()}
     atomic_write_json(
