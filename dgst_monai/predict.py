@@ -14,19 +14,17 @@ from typing import Any
 
 from monai.data.folder_layout import default_name_formatter
 
-from dgst_monai.handlers.evaluation_report import case_id_from_path
+from dgst_monai.data.cases import VOLUME_SUFFIXES, case_id_from_path
 
 __all__ = ["find_inputs", "mask_name_formatter", "mask_path", "predict"]
 
 logger = logging.getLogger(__name__)
 
-#: Extensions of single-file volumes; a folder holding none of these is read as one DICOM series.
-VOLUME_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MASK_EXTENSION = ".nii.gz"
 
 
 def _is_volume(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(VOLUME_EXTENSIONS)
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)  # a folder of none: one DICOM series
 
 
 def find_inputs(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:

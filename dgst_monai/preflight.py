@@ -1,5 +1,7 @@
-"""Checks a bundle run makes before any long work: overrides that name nothing, an output folder that cannot be
-written or is full, a datalist that fails ``dgst-monai data check`` or has more classes than the network.
+"""Checks a bundle run makes in ``initialize``, before any long work.
+
+They refuse overrides that name nothing, an output folder that cannot be written or is full, and a datalist that
+fails ``dgst-monai data check`` or has more classes than the network.
 
 ``python -m monai.bundle run`` accepts any ``--key value``: a misspelt ``--methd dgst`` adds an unused key and the
 run goes on with the default method to the end. :func:`check_command_line` reads the command line of the

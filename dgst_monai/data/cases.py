@@ -26,6 +26,7 @@ __all__ = [
     "GENERIC_STEMS",
     "NIFTI_SUFFIXES",
     "VOLUME_SUFFIXES",
+    "batch_case_ids",
     "case_id_from_path",
     "case_id_of",
     "has_volume_suffix",
@@ -149,3 +150,25 @@ def with_case_ids(entries: Iterable[Mapping[str, Any]], source: str = "datalist"
         seen[cid] = i
         out.append({**entry, CASE_ID_KEY: cid})
     return out
+
+
+def batch_case_ids(batch: Any, key: str = CASE_ID_KEY) -> list[str] | None:
+    """The case ids a batch carries under ``key``: collated (a dict of lists) or decollated (a list of dicts).
+
+    Returns:
+        One id per case, or None when the batch does not carry them (callers then fall back or refuse).
+
+    Example:
+        >>> batch_case_ids({"case_id": ["a", "b"], "image": None})
+        ['a', 'b']
+        >>> batch_case_ids([{"case_id": "a"}, {"case_id": "b"}])
+        ['a', 'b']
+    """
+    if isinstance(batch, Mapping):
+        ids = batch.get(key)
+        if ids is None:
+            return None
+        return [str(c) for c in ids] if isinstance(ids, (list, tuple)) else [str(ids)]
+    if isinstance(batch, (list, tuple)) and batch and all(isinstance(b, Mapping) and key in b for b in batch):
+        return [str(b[key]) for b in batch]
+    return None

@@ -6,16 +6,23 @@ Configs name them as ``dgst_monai.handlers.<Class>``, e.g. ``{"_target_": "dgst_
 
 from __future__ import annotations
 
+from dgst_monai.handlers.checkpoint_loader import CheckpointMismatchError, SafeCheckpointLoader
 from dgst_monai.handlers.dgst_handler import DGSTHandler
 from dgst_monai.handlers.evaluation_report import EvaluationReport
+from dgst_monai.handlers.final_checkpoint import FinalModelSaver
+from dgst_monai.handlers.random_state import RandomState
 from dgst_monai.handlers.size_prior import SizePriorHandler, support_fraction
 from dgst_monai.handlers.surface_dice import SurfaceDiceHandler
 from dgst_monai.handlers.training_state import AtomicDiskSaver, TrainingStateCheckpoint, latest_training_state
 
 __all__ = [
     "AtomicDiskSaver",
+    "CheckpointMismatchError",
     "DGSTHandler",
     "EvaluationReport",
+    "FinalModelSaver",
+    "RandomState",
+    "SafeCheckpointLoader",
     "SizePriorHandler",
     "SurfaceDiceHandler",
     "TrainingStateCheckpoint",

@@ -17,7 +17,7 @@ nothing but the modules: a wrong checkpoint becomes a half-initialised network w
 
 Example::
 
-    {"_target_": "dgst_monai.handlers.checkpoint_loader.SafeCheckpointLoader",
+    {"_target_": "dgst_monai.handlers.SafeCheckpointLoader",
      "load_path": "@foundation_checkpoint", "load_dict": {"model": "@network"}, "map_location": "@device"}
 """
 

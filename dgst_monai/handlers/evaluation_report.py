@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.handlers import MetricsSaver
 from monai.utils import ImageMetaKey, string_list_all_gather
 
-from dgst_monai.data.cases import CASE_ID_KEY, case_id_from_path
+from dgst_monai.data.cases import CASE_ID_KEY, batch_case_ids, case_id_from_path
 from dgst_monai.files import atomic_open, atomic_write_json
 from dgst_monai.metrics import summarize
 
@@ -97,10 +97,10 @@ class EvaluationReport(MetricsSaver):
         Raises:
             ValueError: a case has neither a ``case_key`` entry nor image meta data with ``filename_or_obj``.
         """
+        ids = batch_case_ids(batch, self.case_key)
+        if ids is not None:
+            return ids
         if isinstance(batch, Mapping):
-            if batch.get(self.case_key) is not None:
-                ids = batch[self.case_key]
-                return [str(c) for c in ids] if isinstance(ids, (list, tuple)) else [str(ids)]
             names = self._meta(batch).get(ImageMetaKey.FILENAME_OR_OBJ)
             # a collated batch's meta holds one file name per case
             return [self._from_path(n) for n in (names if isinstance(names, (list, tuple)) else [names])]

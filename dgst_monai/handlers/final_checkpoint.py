@@ -9,7 +9,7 @@ a killed save left is removed.
 
 Example (a bundle's ``train#handlers``)::
 
-    {"_target_": "dgst_monai.handlers.final_checkpoint.FinalModelSaver", "save_dir": "@ckpt_dir",
+    {"_target_": "dgst_monai.handlers.FinalModelSaver", "save_dir": "@ckpt_dir",
      "save_dict": {"model": "@final_model"}, "filename": "model.pt", "_disabled_": "$not @main_process"}
 """
 

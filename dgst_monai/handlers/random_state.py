@@ -19,7 +19,7 @@ weights_only=True)`` (and with any ``map_location``: the generator states are mo
 Example (a bundle's ``train.json``)::
 
     "training_state": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
-                       "random": {"_target_": "dgst_monai.handlers.random_state.RandomState",
+                       "random": {"_target_": "dgst_monai.handlers.RandomState",
                                   "sources": ["@train#dataloader"]}}
 """
 

@@ -24,6 +24,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
+from dgst_monai.data.cases import batch_case_ids
 from dgst_monai.files import atomic_open, atomic_torch_save, atomic_write_json
 from dgst_monai.metrics import node_metrics
 
@@ -213,11 +214,9 @@ class NodeMetricsWriter:
 
     def _case_ids(self, batch: Any) -> list[str]:
         """The case ids of the batch the loader gave (collated: a dict of lists; or a list of dicts)."""
-        if isinstance(batch, Mapping) and batch.get(self.case_key) is not None:
-            ids = batch[self.case_key]
-            return [str(c) for c in ids] if isinstance(ids, (list, tuple)) else [str(ids)]
-        if isinstance(batch, (list, tuple)) and all(isinstance(b, Mapping) and self.case_key in b for b in batch):
-            return [str(b[self.case_key]) for b in batch]
+        ids = batch_case_ids(batch, self.case_key)
+        if ids is not None:
+            return ids
         raise ValueError(
             f"NodeMetricsWriter: the evaluated batch has no {self.case_key!r}; give the datalist entries a case id "
             "(dgst_monai.data.datalists.load_split does)"

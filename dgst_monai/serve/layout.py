@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dgst_monai.files import atomic_write, atomic_write_json, read_json
+from dgst_monai.files import atomic_open, atomic_write, atomic_write_json, read_json
 from dgst_monai.normalization import NORMALIZATION_FILE
 
 __all__ = ["APP_FILE", "ModelFolder", "ServedBundle", "app_models", "lay_out_app"]
@@ -194,9 +194,8 @@ def _copy_foundation(source: Path, folder: ModelFolder) -> None:
     target = folder.foundation
     target.parent.mkdir(parents=True, exist_ok=True)
     for src, dst in ((source.parent / NORMALIZATION_FILE, target.parent / NORMALIZATION_FILE), (source, target)):
-        partial = dst.with_name(f".{dst.name}.partial")
-        shutil.copyfile(src, partial)
-        os.replace(partial, dst)
+        with open(src, "rb") as reader, atomic_open(dst, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
 
 
 def _lay_out_model(served: ServedBundle, folder: ModelFolder) -> None:
