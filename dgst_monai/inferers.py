@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
-__all__ = ["PRECISIONS", "AutocastInferer", "GaussianSlidingWindowInferer", "MirroringInferer", "centred_gaussian"]
+__all__ = [
+    "PRECISIONS",
+    "AutocastInferer",
+    "GaussianSlidingWindowInferer",
+    "MirroringInferer",
+    "centred_gaussian",
+    "evenly_spread_overlap",
+]
 
 #: ``precision`` settings of the bundles -> autocast dtype (None: the network runs as it is, in float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 
 def centred_gaussian(roi_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -46,11 +54,48 @@ def centred_gaussian(roi_size: Sequence[int], sigma_scale: float = 0.125) -> tor
     return weights.clamp_min(weights[weights > 0].min()).float()
 
 
-class GaussianSlidingWindowInferer(SlidingWindowInferer):
-    """MONAI's sliding-window inferer with nnU-Net's Gaussian window weights (:func:`centred_gaussian`).
+def evenly_spread_overlap(
+    image_size: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float] = 0.5
+) -> tuple[float, ...]:
+    """Per-axis overlaps for MONAI's sliding window that spread its windows evenly over ``image_size``.
 
-    Everything else (window placement, overlap, padding, batching of windows) is MONAI's. On volumes whose
-    windows fall where nnU-Net's do, the same weights then give nnU-Net's mask (``benchmarks/bench_nnunet.py``).
+    MONAI steps by ``int(roi * (1 - overlap))`` and moves the last window back to the border, so on a 256-voxel
+    axis 96-voxel windows start at 0, 48, 96, 144 and 160: the last two nearly coincide. With the same number of
+    windows, this returns the overlap whose step is ``ceil((size - roi) / (windows - 1))`` (0, 40, 80, 120, 160
+    there), which is where nnU-Net's predictor puts them whenever that step is a whole number of voxels.
+
+    Args:
+        image_size: spatial size of the input (an axis shorter than the window is padded to it, one window).
+        roi_size: window size per axis.
+        overlap: the requested overlap (one for all axes, or one per axis); it sets the number of windows.
+
+    Returns:
+        One overlap per axis, for ``SlidingWindowInferer(overlap=...)``.
+
+    Example::
+
+        evenly_spread_overlap((256, 256, 160), (96, 96, 64))  # steps of 40, 40 and 32 voxels
+    """
+    overlaps = [float(overlap)] * len(roi_size) if isinstance(overlap, (int, float)) else [float(o) for o in overlap]
+    spread = []
+    for size, roi, requested in zip(image_size, roi_size, overlaps):
+        size, roi = max(int(size), int(roi)), int(roi)
+        if size == roi:
+            spread.append(requested)
+            continue
+        windows = math.ceil((size - roi) / max(1, int(roi * (1 - requested)))) + 1
+        step = math.ceil((size - roi) / (windows - 1))
+        # MONAI truncates roi * (1 - overlap): aim half a voxel above the step so that rounding cannot move it
+        spread.append(max(0.0, 1 - (step + 0.5) / roi))
+    return tuple(spread)
+
+
+class GaussianSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's sliding-window inferer with nnU-Net's Gaussian window weights (:func:`centred_gaussian`) and its
+    evenly spread windows (:func:`evenly_spread_overlap`, the same number of windows as MONAI's).
+
+    Everything else (padding, batching of windows, stitching) is MONAI's. Where the windows then fall where
+    nnU-Net's do, the same weights give nnU-Net's mask (``benchmarks/bench_nnunet.py``).
 
     Args:
         roi_size: the window size per spatial axis.
@@ -75,6 +120,12 @@ class GaussianSlidingWindowInferer(SlidingWindowInferer):
     ) -> None:
         super().__init__(roi_size, sw_batch_size, overlap, mode="gaussian", sigma_scale=sigma_scale, **kwargs)
         self.roi_weight_map = centred_gaussian([int(n) for n in roi_size], sigma_scale)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Sliding-window inference of ``inputs`` (``(B, C, *spatial)``) with the windows spread evenly."""
+        window = copy.copy(self)  # the overlap is per input size; calls may run side by side (MONAI Label)
+        window.overlap = evenly_spread_overlap(inputs.shape[2:], self.roi_size, self.overlap)
+        return SlidingWindowInferer.__call__(window, inputs, network, *args, **kwargs)
 
 
 class MirroringInferer(Inferer):

@@ -13,7 +13,12 @@ from bundle_support import BUNDLES, TINY_NETWORK
 from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
-from dgst_monai.inferers import GaussianSlidingWindowInferer, MirroringInferer, centred_gaussian
+from dgst_monai.inferers import (
+    GaussianSlidingWindowInferer,
+    MirroringInferer,
+    centred_gaussian,
+    evenly_spread_overlap,
+)
 from dgst_monai.normalization import save_normalization
 from dgst_monai.predict import find_inputs, mask_path, predict
 
@@ -135,6 +140,28 @@ def test_gaussian_sliding_window_uses_centred_weights_and_keeps_a_constant_outpu
     calls = iter(range(1000))
     shifted = inferer(image, lambda x: x + float(next(calls)))
     assert not torch.allclose(shifted, image, atol=1e-3)
+
+
+def test_windows_are_spread_evenly_with_monais_count():
+    """On a 256-voxel axis 96-voxel windows start at 0, 40, 80, 120, 160 (nnU-Net's places), not MONAI's 0, 48,
+    96, 144, 160; an aligned axis keeps MONAI's step; an axis of the window's size one window."""
+    starts: list[tuple[int, int, int]] = []
+
+    def record(patch: torch.Tensor) -> torch.Tensor:  # the input holds each voxel's coordinates
+        starts.extend(tuple(int(v) for v in p[:, 0, 0, 0]) for p in patch)
+        return torch.zeros(patch.shape[0], 2, *patch.shape[2:])
+
+    size = (256, 240, 32)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in size], indexing="ij"))
+    GaussianSlidingWindowInferer(roi_size=(96, 96, 32), sw_batch_size=3, overlap=0.5)(grid[None], record)
+    assert sorted({s[0] for s in starts}) == [0, 40, 80, 120, 160]
+    assert sorted({s[1] for s in starts}) == [0, 48, 96, 144]
+    assert {s[2] for s in starts} == {0} and len(starts) == 5 * 4
+    plain: list[tuple[int, int, int]] = []
+    SlidingWindowInferer(roi_size=(96, 96, 32), overlap=0.5)(grid[None], lambda p: plain.extend(
+        tuple(int(v) for v in q[:, 0, 0, 0]) for q in p) or torch.zeros(p.shape[0], 2, *p.shape[2:]))
+    assert sorted({s[0] for s in plain}) == [0, 48, 96, 144, 160] and len(plain) == len(starts)
+    assert evenly_spread_overlap((256, 300), (96, 96), 0.0) == (1 - 80.5 / 96, 1 - 68.5 / 96)
 
 
 def test_find_inputs_and_clashing_outputs(tmp_path):
