@@ -48,7 +48,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "version": "0.4.0",
             "changelog": {
                 "0.4.0": "precision setting, as ln_ct_dynunet 0.5.0 (bfloat16 / float16 autocast of the network's "
-                "forward passes on any device; float32 weights, loss and gradients), nnU-Net's window weights, "
+                "forward passes on any device; float32 weights, loss and gradients), nnU-Net's window weights and spread, "
                 "handlers named dgst_monai.handlers.<Class>",
                 "0.3.0": "Reliability, as ln_ct_dynunet 0.4.0: random streams in the training state and one seeded "
                 "RandomSampler pass per epoch (bit-identical resume), atomic model.pt, weights_only loading with "
