@@ -358,6 +358,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def write_results(result: dict[str, Any], text: str, json_path: str | None, markdown_path: str | None) -> None:
+    """Print a benchmark's report, and write its raw result (JSON) and the report (Markdown) where asked."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    if markdown_path:
+        Path(markdown_path).write_text(text + "\n", encoding="utf-8")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The three measurements
 # --------------------------------------------------------------------------------------------------------------

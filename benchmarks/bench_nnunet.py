@@ -53,10 +53,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dgst's helpers, whatever the working directory
-from bench_dgst import log, maxrss_kib, median, reset_peak_rss, rss_kib  # noqa: E402
+from bench_dgst import log, maxrss_kib, median, reset_peak_rss, rss_kib, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundles" / "ln_ct_dynunet"
@@ -612,12 +610,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         result["inference"] = bench_infer(args, base, env)
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = time.perf_counter() - t0
-    text = report(result)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n", encoding="utf-8")
+    write_results(result, report(result), args.json, args.markdown)
     return result
 
 

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dgst's helpers, whatever the working directory
+from bench_dgst import write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PRECISIONS = ("float32", "bfloat16")
@@ -138,12 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    text = report(result)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n", encoding="utf-8")
+    write_results(result, report(result), args.json, args.markdown)
     return result
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -31,7 +30,7 @@ from monai.inferers import SlidingWindowInferer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dgst's helpers, whatever the working directory
 import bench_dgst  # noqa: E402
-from bench_dgst import ModeTrainer, log, median, parse_mode  # noqa: E402
+from bench_dgst import ModeTrainer, log, median, parse_mode, write_results  # noqa: E402
 
 #: widths of the paper plan's six stages, from cpu-small-like to the paper's own (32-64-128-256-320-320)
 WIDTHS = {
@@ -145,12 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["inference"] = [infer_case(WIDTHS[a.inference_width], PATCHES[0], v, 1 if a.quick else 2)
                            for v in volumes]
     result["loadavg_end"] = os.getloadavg()
-    text = report(result)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
-    if a.markdown:
-        Path(a.markdown).write_text(text + "\n", encoding="utf-8")
+    write_results(result, report(result), a.json, a.markdown)
     return result
 
 
