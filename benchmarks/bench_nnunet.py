@@ -25,7 +25,7 @@ Measured (medians over rounds, ratio ours / nnU-Net):
    ``nnUNetTrainer.train_step`` on batches from its own data loader and augmentation. Time waiting for data
    (ours: ignite's ``GET_BATCH_STARTED`` to ``GET_BATCH_COMPLETED``; nnU-Net: ``next(dataloader_train)``) and
    compute are reported separately.
-2. Inference file to file: our bundle's ``inference.json`` evaluator (load, RAS, resample, normalise, sliding
+2. Inference file to file: our bundle's ``inference.json`` evaluator (load, RAS, normalise and resample as nnU-Net does, sliding
    window with Gaussian weighting, overlap 0.5, no mirroring, invert, argmax, save) against
    ``nnUNetPredictor.predict_from_files_sequential`` (tile step 0.5, Gaussian, no mirroring), on the same
    weights, and the Dice between the two masks.
@@ -85,7 +85,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "plan": "cpu-small", "plan_overrides": {"base_filters": 8, "spacing": (0.8, 0.8, 2.0)},
         "patch": [48, 48, 32], "cases": 3, "iterations": 1, "warmup": 1, "rounds": 1,
-        "volumes": {"small": {"fov_mm": (76.8, 76.8, 96.0), "spacing_mm": (0.8, 0.8, 2.0)}},
+        "volumes": {"small": {"fov_mm": (76.8, 76.8, 96.0), "spacing_mm": (0.8, 0.8, 2.0)},
+                    # thick slices: both tools resample (to 72 x 72 x 38 voxels at the plan's spacing)
+                    "thick5mm": {"fov_mm": (57.6, 57.6, 76.0), "spacing_mm": (0.57, 0.57, 5.0)}},
         "train_fov_mm": (80.0, 80.0, 80.0),
     },
 }
@@ -95,8 +97,9 @@ INFER_SIDES = ("ours", "nnunet")
 #: Gaussian, centred at (patch - 1) / 2, instead of the bundles' nnU-Net-style one centred on voxel patch // 2;
 #: "channels-last" runs the network in torch.channels_last_3d memory format (training: the pre-training side);
 #: "bf16" sets the bundles' ``precision`` to bfloat16 (the network's forward pass autocast, weights, loss and
-#: gradients float32; nnU-Net autocasts only on CUDA, so its CPU side stays float32)
-OUR_VARIANTS = ("monai-gaussian", "channels-last", "bf16")
+#: gradients float32; nnU-Net autocasts only on CUDA, so its CPU side stays float32); "monai-resampling" sets
+#: ``resampling`` back to the bundles' own rule (trilinear, then normalisation) from the imported model's "nnunet"
+OUR_VARIANTS = ("monai-gaussian", "channels-last", "bf16", "monai-resampling")
 #: training variant -> the our-side training sides it is timed for
 TRAIN_VARIANTS = {"channels-last": ("ours-pretrain",), "bf16": ("ours-pretrain", "ours-dgst")}
 
@@ -364,6 +367,8 @@ def infer_ours(spec: dict[str, Any]) -> dict[str, Any]:
         parser[key] = value
     if spec.get("variant") == "bf16":
         parser["precision"] = "bfloat16"
+    if spec.get("variant") == "monai-resampling":
+        parser["resampling"] = "monai"
     evaluator = parser.get_parsed_content("evaluator")
     if spec.get("variant") == "monai-gaussian":
         window = evaluator.inferer.inferer.inferer  # AutocastInferer > MirroringInferer > the sliding window

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from helpers import bundle_workflow, run_checked
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from dgst_monai.normalization import save_normalization
 
 BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
 BUNDLE_NAMES = ("ln_ct_dynunet", "ln_ct_swinunetr")
@@ -39,3 +42,15 @@ def make_workflow(bundle: str, names: list[str], workflow_type: str, **overrides
 def run_like_model_zoo(bundle: str, names: list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:
     """What the model-zoo CI does with a workflow: initialize, check_properties (none missing), run, finalize."""
     return run_checked(make_workflow(bundle, names, workflow_type, **overrides))
+
+
+def save_tiny_checkpoint(folder: Path, normalization: dict[str, float]) -> Path:
+    """A randomly initialised (seed 0) tiny ``ln_ct_dynunet`` checkpoint in ``folder``, with its normalisation."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "ln_ct_dynunet" / "configs" / "train.json"))
+    for key, value in TINY_NETWORK["ln_ct_dynunet"].items():
+        parser[key] = value
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
+    save_normalization(folder, normalization)
+    return folder / "model.pt"

@@ -23,7 +23,7 @@ def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--work", str(tmp_path / "work"),
-         "--json", str(out), "--markdown", str(md)],
+         "--variants", "monai-gaussian", "monai-resampling", "--json", str(out), "--markdown", str(md)],
         capture_output=True, text=True, encoding="utf-8", timeout=900, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -44,8 +44,14 @@ def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp
     assert nnunet["batch_size"] == cfg["batch"] == 2
     assert nnunet["deep_supervision_outputs"] == len(cfg["filters"]) - 1
 
+    # thick slices, resampled by both tools: the imported model's "nnunet" rule gives nnU-Net's mask, the
+    # bundles' own trilinear rule does not
+    thick = result["inference"]["thick5mm"]["summary"]["sides"]
+    assert thick["ours"]["agreement"]["dice"] >= 0.99
+    assert thick["ours-monai-resampling"]["agreement"]["dice"] < thick["ours"]["agreement"]["dice"]
+
     sides = result["inference"]["small"]["summary"]["sides"]
-    assert set(sides) == {"ours", "nnunet", "ours-monai-gaussian"}
+    assert set(sides) == {"ours", "nnunet", "ours-monai-gaussian", "ours-monai-resampling"}
     # same weights, same windows (the tiny volume is tile-aligned, at the plan's spacing): with the bundle's
     # nnU-Net-style window weighting our pipeline gives nnU-Net's mask; MONAI's own Gaussian (centred between
     # voxels) moves some voxels

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from bundle_support import BUNDLES, TINY_NETWORK
-from monai.bundle import ConfigParser
+from bundle_support import BUNDLES, TINY_NETWORK, save_tiny_checkpoint
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from dgst_monai.inferers import (
@@ -19,7 +18,6 @@ from dgst_monai.inferers import (
     centred_gaussian,
     evenly_spread_overlap,
 )
-from dgst_monai.normalization import save_normalization
 from dgst_monai.predict import find_inputs, mask_path, predict
 
 
@@ -53,15 +51,8 @@ def _write_ct(path, size, spacing, origin, direction) -> None:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A randomly initialised tiny DynUNet training checkpoint with its normalisation file."""
-    folder = tmp_path_factory.mktemp("model")
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "ln_ct_dynunet" / "configs" / "train.json"))
-    for key, value in TINY_NETWORK["ln_ct_dynunet"].items():
-        parser[key] = value
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
-    save_normalization(folder, {"a_min": -100.0, "a_max": 200.0, "b_min": -2.0, "b_max": 4.0})
-    return folder / "model.pt"
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model"), {"a_min": -100.0, "a_max": 200.0, "b_min": -2.0,
+                                                                    "b_max": 4.0})
 
 
 def test_masks_keep_the_input_geometry(tiny_checkpoint, tmp_path):

@@ -165,8 +165,10 @@ def export_nnunet(
     ``normalization.json`` (the plans' foreground intensity properties: the model's own CT normalisation) and
     ``<stem>_override.json``: the bundle's ``plan`` (a :class:`~dgst_monai.networks.planner.DynUNetPlan` with
     the model's spacing, patch, kernels, strides, filters, norm, activation and biases, in the bundle's
-    ``(x, y, z)`` order with ``axes="bundle"``, the default) and the channels. The bundle builds its own network
-    class from it (nothing else changes). Merge it last::
+    ``(x, y, z)`` order with ``axes="bundle"``, the default), the channels, and ``resampling: "nnunet"``: the
+    inference config then resamples scans with nnU-Net's rule
+    (:class:`~dgst_monai.transforms.ResampleAndNormalized`), so that the masks are nnU-Net's own. The bundle
+    builds its own network class from the plan. Merge it last::
 
         python -m monai.bundle run --config_file \\
             "['configs/train.json','configs/finetune.json','models/model_override.json']" \\
@@ -232,6 +234,8 @@ def export_nnunet(
         "plan": plan.to_config(),
         "in_channels": net.in_channels,
         "out_channels": net.out_channels,
+        # inference resamples as nnU-Net trained the model: normalise, then cubic in-plane, nearest thick slice
+        "resampling": "nnunet",
     }
     # the model's CT normalisation travels with its weights, as for every bundle checkpoint
     save_normalization(output.parent, normalization_from_nnunet_plans(Path(model_folder) / "plans.json"))
