@@ -120,6 +120,9 @@ class DGSTHandler:
         network = self.network if self.network is not None else getattr(engine, "network", None)
         if network is None:
             raise ValueError("DGSTHandler needs a network: pass network=... or attach to a MONAI SupervisedTrainer")
+        # a trainer built with compile=True (the bundles' --compile) holds torch.compile's wrapper: select on the
+        # module it wraps (the same parameters, under their own names)
+        network = getattr(network, "_orig_mod", network)
         self._freeze(network)
         if self._network is not network:  # a second run() of the same trainer keeps the selection state
             params = dict(network.named_parameters())
