@@ -98,8 +98,11 @@ INFER_SIDES = ("ours", "nnunet")
 #: "channels-last" runs the network in torch.channels_last_3d memory format (training: the pre-training side);
 #: "bf16" sets the bundles' ``precision`` to bfloat16 (the network's forward pass autocast, weights, loss and
 #: gradients float32; nnU-Net autocasts only on CUDA, so its CPU side stays float32); "monai-resampling" sets
-#: ``resampling`` back to the bundles' own rule (trilinear, then normalisation) from the imported model's "nnunet"
-OUR_VARIANTS = ("monai-gaussian", "channels-last", "bf16", "monai-resampling")
+#: ``resampling`` back to the bundles' own rule (trilinear, then normalisation) from the imported model's "nnunet";
+#: "compile" sets the bundles' ``compile`` (torch.compile, inductor, weights frozen) and "bf16-compile" both. A
+#: compiled side's inductor cache lives in the work folder and is emptied before the first round: round 1 includes
+#: a cold compile, later rounds load the compiled code from that cache (a warm start, as a second run would)
+OUR_VARIANTS = ("monai-gaussian", "channels-last", "bf16", "monai-resampling", "compile", "bf16-compile")
 #: training variant -> the our-side training sides it is timed for
 TRAIN_VARIANTS = {"channels-last": ("ours-pretrain",), "bf16": ("ours-pretrain", "ours-dgst")}
 
@@ -365,8 +368,13 @@ def infer_ours(spec: dict[str, Any]) -> dict[str, Any]:
                        "output_dir": spec["output_dir"], "mirror": False, "amp": False,
                        "device": "$torch.device('cpu')"}.items():
         parser[key] = value
-    if spec.get("variant") == "bf16":
+    if spec.get("variant") in ("bf16", "bf16-compile"):
         parser["precision"] = "bfloat16"
+    if spec.get("variant") in ("compile", "bf16-compile"):
+        import torch._inductor.config as inductor_config
+
+        parser["compile"] = True
+        inductor_config.compile_threads = spec["threads"]  # compile in as many threads as the side runs
     if spec.get("variant") == "monai-resampling":
         parser["resampling"] = "monai"
     evaluator = parser.get_parsed_content("evaluator")
@@ -480,8 +488,15 @@ def bench_infer(args: argparse.Namespace, base: dict[str, Any], env: dict[str, s
                 folder = Path(base["work"]) / "predictions" / f"{name}_{side}_r{r}"
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
-                spec = {**base, "volume": volume, "output_dir": str(folder), "variant": side[len("ours-"):] if side.startswith("ours-") else None}
-                res = run_worker(f"infer-{side}", spec, env)
+                variant = side[len("ours-"):] if side.startswith("ours-") else None
+                spec = {**base, "volume": volume, "output_dir": str(folder), "variant": variant}
+                side_env = env
+                if variant in ("compile", "bf16-compile"):
+                    cache = Path(base["work"]) / "inductor_cache" / f"{name}_{variant}"
+                    if r == 0:
+                        shutil.rmtree(cache, ignore_errors=True)
+                    side_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+                res = run_worker(f"infer-{side}", spec, side_env)
                 raw[side].append(res)
                 log(f"[infer {name} round {r + 1}/{args.infer_rounds}] {side:<7} {res['seconds']:.1f} s, "
                     f"peak RSS {res['peak_rss_mib']:.0f} MiB")
