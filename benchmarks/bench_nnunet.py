@@ -187,6 +187,28 @@ def prepare(work: Path, preset: dict[str, Any]) -> dict[str, Any]:
             "ours_override": str(ours / "model_override.json"), "volumes": volumes, "cases": len(cases)}
 
 
+def write_scan(source: Path, path: Path) -> Path:
+    """A real scan (volume file or DICOM series folder) as the NIfTI both sides read, unless it is there already."""
+    from dgst_monai.data.readers import SimpleITKReader
+
+    if not path.is_file():
+        import SimpleITK as sitk
+
+        if source.is_dir():  # a DICOM series: the one folder's files in slice order
+            reader = sitk.ImageSeriesReader()
+            names = reader.GetGDCMSeriesFileNames(str(source))
+            if not names:
+                raise FileNotFoundError(f"--scan {source}: no DICOM series in this folder")
+            reader.SetFileNames(names)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(source))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(path))
+    SimpleITKReader().read(str(path))  # fails here, naming the file, if our side could not read it
+    return path
+
+
 def nnunet_plans(work: Path, plan) -> dict[str, Any]:
     """nnU-Net's fingerprint and plans, ``3d_fullres`` overwritten with our plan, then its preprocessing."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -562,7 +584,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, help="timed training iterations per side and round")
     p.add_argument("--warmup", type=int, help="untimed training iterations per side and round")
     p.add_argument("--infer-rounds", type=int, default=1, help="inference rounds per volume")
-    p.add_argument("--volumes", nargs="*", help="inference volumes of the preset to run (default: all)")
+    p.add_argument("--volumes", nargs="*", help="inference volumes of the preset to run (default: all, or none "
+                   "with --scan)")
+    p.add_argument("--scan", nargs="*", default=[], help="real scans to run inference on as well: NIfTI / NRRD "
+                   "files or DICOM series folders (written once as NIfTI, which both sides then read)")
     p.add_argument("--variants", nargs="*", default=["monai-gaussian"], choices=OUR_VARIANTS,
                    help="our-side inference variants timed as extra sides")
     p.add_argument("--train-variants", nargs="*", default=[], choices=sorted(TRAIN_VARIANTS),
@@ -604,8 +629,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     torch.set_num_threads(args.threads)
     preset = copy.deepcopy(PRESETS[args.preset])
-    if args.volumes:
-        preset["volumes"] = {k: v for k, v in preset["volumes"].items() if k in args.volumes}
+    if args.volumes or args.scan:
+        preset["volumes"] = {k: v for k, v in preset["volumes"].items() if k in (args.volumes or [])}
     plan = our_plan(preset)
     result: dict[str, Any] = {"config": {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -620,6 +645,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     prepared = prepare(work, preset)
     result["prepare_s"] = time.perf_counter() - t0
+    for scan in args.scan:
+        name = "scan-" + Path(scan.rstrip("/")).name.split(".")[0]
+        prepared["volumes"][name] = str(write_scan(Path(scan), work / "volumes" / f"{name}_0000.nii.gz"))
     log(f"[prepare] {result['prepare_s']:.0f} s: {prepared}")
     base = {**prepared, "work": str(work), "preset": preset, "threads": args.threads, "workers": args.workers,
             "iterations": args.iterations, "warmup": args.warmup}
