@@ -66,14 +66,15 @@ def test_eager_and_compiled_for_each_precision_and_phase_with_ratios_of_their_me
         assert f"| {case['phase']} | {case['precision']} | compiled | " in table and f"| {ratio} |" in table
 
 
-def test_a_failing_compile_is_recorded_and_eager_is_still_reported(tmp_path: Path, monkeypatch) -> None:
+def test_a_failing_compile_is_recorded_and_eager_is_still_reported(tmp_path: Path) -> None:
     import torch._inductor.config as inductor_config
 
-    # inductor without a working C++ compiler: the error surfaces at the compiled network's first call
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    # inductor without a working C++ compiler: the error surfaces at the compiled network's first call. The
+    # config's own patch() restores the setting (monkeypatch.setattr would delete it from the config at undo)
     md = tmp_path / "compile.md"
-    result = bench_compile.main([*TINY, "--rounds", "1", "--warmup", "0", "--skip", "train",
-                                 "--precisions", "float32", "--markdown", str(md)])
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        result = bench_compile.main([*TINY, "--rounds", "1", "--warmup", "0", "--skip", "train",
+                                     "--precisions", "float32", "--markdown", str(md)])
     assert result["compile_works"] is False
     [case] = result["cases"]
     assert (case["phase"], case["precision"]) == ("inference", "float32")
