@@ -16,11 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.data import DataLoader
@@ -308,3 +310,9 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+#: inductor generates C++ and needs a compiler on the PATH (it looks for g++ / c++); without one it cannot run
+requires_cxx = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler on the PATH for inductor"
+)

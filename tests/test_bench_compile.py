@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import requires_cxx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_compile  # noqa: E402
@@ -89,7 +90,7 @@ def test_a_failing_compile_is_recorded_and_eager_is_still_reported(tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not Path("/usr/bin/g++").exists() and not Path("/usr/bin/c++").exists(), reason="no C++ compiler")
+@requires_cxx
 def test_inductor_output_and_gradients_match_eager(tmp_path: Path) -> None:
     """Slow: inductor's cold compile (C++ code generation) of the tiny network, forward and backward, takes
     about two minutes on one core."""

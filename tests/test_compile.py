@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from bundle_support import BUNDLES, TINY_NETWORK, TINY_RUN, run_like_model_zoo, save_tiny_checkpoint
+from helpers import requires_cxx
 from torch._dynamo.utils import counters
 
 from dgst_monai.predict import predict
@@ -66,7 +67,7 @@ def test_compiled_network_writes_the_eager_mask(scan_and_checkpoint, tmp_path: P
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not Path("/usr/bin/g++").exists() and not Path("/usr/bin/c++").exists(), reason="no C++ compiler")
+@requires_cxx
 def test_inductor_with_frozen_weights_writes_the_eager_mask(scan_and_checkpoint, tmp_path: Path) -> None:
     """Slow (a cold inductor compile of the tiny network, about a minute on one core): the bundle's own
     ``compile_kwargs`` (inductor, weights frozen as constants) agree with eager up to float rounding."""
