@@ -401,8 +401,10 @@ def infer_ours(spec: dict[str, Any]) -> dict[str, Any]:
         parser["resampling"] = "monai"
     evaluator = parser.get_parsed_content("evaluator")
     if spec.get("variant") == "monai-gaussian":
+        from monai.data.utils import compute_importance_map
+
         window = evaluator.inferer.inferer.inferer  # AutocastInferer > MirroringInferer > the sliding window
-        window.roi_weight_map = None  # MONAI computes its own Gaussian per call
+        window.roi_weight_map = compute_importance_map(window.roi_size, mode="gaussian", sigma_scale=0.125)
     if spec.get("variant") == "channels-last":
         evaluator.network.to(memory_format=torch.channels_last_3d)
     torch.set_num_threads(spec["threads"])

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.inferers import Inferer, SlidingWindowInferer
+from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 
 __all__ = [
     "PRECISIONS",
@@ -17,7 +17,7 @@ __all__ = [
     "GaussianSlidingWindowInferer",
     "MirroringInferer",
     "centred_gaussian",
-    "evenly_spread_overlap",
+    "window_starts",
 ]
 
 #: ``precision`` settings of the bundles -> autocast dtype (None: the network runs as it is, in float32).
@@ -54,60 +54,66 @@ def centred_gaussian(roi_size: Sequence[int], sigma_scale: float = 0.125) -> tor
     return weights.clamp_min(weights[weights > 0].min()).float()
 
 
-def evenly_spread_overlap(
-    image_size: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float] = 0.5
-) -> tuple[float, ...]:
-    """Per-axis overlaps for MONAI's sliding window that spread its windows evenly over ``image_size``.
+def window_starts(size: int, roi: int, step: float = 0.5) -> list[int]:
+    """Start voxels of the sliding windows along one axis, placed where nnU-Net's predictor places them.
 
-    MONAI steps by ``int(roi * (1 - overlap))`` and moves the last window back to the border, so on a 256-voxel
-    axis 96-voxel windows start at 0, 48, 96, 144 and 160: the last two nearly coincide. With the same number of
-    windows, this returns the overlap whose step is ``ceil((size - roi) / (windows - 1))`` (0, 40, 80, 120, 160
-    there), which is where nnU-Net's predictor puts them whenever that step is a whole number of voxels.
+    The number of windows is the fewest whose step is at most ``roi * step`` voxels; they are then spread
+    evenly from the first voxel to the last (``round(i * (size - roi) / (windows - 1))``), so no two nearly
+    coincide. MONAI's sliding window instead steps by ``int(roi * (1 - overlap))`` and moves the last window
+    back to the border: on a 256-voxel axis 96-voxel windows start at 0, 48, 96, 144 and 160 with MONAI, at 0,
+    40, 80, 120 and 160 here. An axis shorter than the window is padded to it first (one window, at 0).
 
     Args:
-        image_size: spatial size of the input (an axis shorter than the window is padded to it, one window).
-        roi_size: window size per axis.
-        overlap: the requested overlap (one for all axes, or one per axis); it sets the number of windows.
+        size: the axis length.
+        roi: the window length on that axis.
+        step: the largest step as a fraction of the window (nnU-Net's ``tile_step_size``; overlap 0.5 is 0.5).
 
     Returns:
-        One overlap per axis, for ``SlidingWindowInferer(overlap=...)``.
+        The start voxels, ascending.
+
+    Raises:
+        ValueError: if ``step`` is not in (0, 1].
 
     Example::
 
-        evenly_spread_overlap((256, 256, 160), (96, 96, 64))  # steps of 40, 40 and 32 voxels
+        window_starts(312, 96)  # [0, 43, 86, 130, 173, 216]: steps of 43.2 voxels, rounded
     """
-    overlaps = [float(overlap)] * len(roi_size) if isinstance(overlap, (int, float)) else [float(o) for o in overlap]
-    spread = []
-    for size, roi, requested in zip(image_size, roi_size, overlaps):
-        size, roi = max(int(size), int(roi)), int(roi)
-        if size == roi:
-            spread.append(requested)
-            continue
-        windows = math.ceil((size - roi) / max(1, int(roi * (1 - requested)))) + 1
-        step = math.ceil((size - roi) / (windows - 1))
-        # MONAI truncates roi * (1 - overlap): aim half a voxel above the step so that rounding cannot move it
-        spread.append(max(0.0, 1 - (step + 0.5) / roi))
-    return tuple(spread)
+    if not 0 < step <= 1:
+        raise ValueError(f"the window step must be in (0, 1] of the window (overlap in [0, 1)), got {step}")
+    if size <= roi:
+        return [0]
+    windows = math.ceil((size - roi) / (roi * step)) + 1
+    spacing = (size - roi) / (windows - 1)
+    return [int(round(spacing * i)) for i in range(windows)]  # Python rounds half to even, as numpy does
 
 
-class GaussianSlidingWindowInferer(SlidingWindowInferer):
-    """MONAI's sliding-window inferer with nnU-Net's Gaussian window weights (:func:`centred_gaussian`) and its
-    evenly spread windows (:func:`evenly_spread_overlap`, the same number of windows as MONAI's).
+class GaussianSlidingWindowInferer(Inferer):
+    """Sliding-window inference as nnU-Net's predictor does it: its window places (:func:`window_starts`), its
+    Gaussian window weights (:func:`centred_gaussian`) and its padding of axes shorter than the window.
 
-    Everything else (padding, batching of windows, stitching) is MONAI's. Where the windows then fall where
-    nnU-Net's do, the same weights give nnU-Net's mask (``benchmarks/bench_nnunet.py``).
+    An axis shorter than the window is padded on both sides (half below, the rest above, with ``cval``) and the
+    padding is cropped off the result. Windows are cut from the input ``sw_batch_size`` at a time, their outputs
+    weighted and summed into one preallocated float32 accumulator; the weight sum per voxel is computed once
+    per input size. With the same weights, this gives nnU-Net's mask (``benchmarks/bench_nnunet.py``).
 
     Args:
         roi_size: the window size per spatial axis.
         sw_batch_size: windows per network call.
-        overlap: fraction of the window shared by neighbours (nnU-Net's tile step 0.5 is overlap 0.5).
-        sigma_scale: sigma as a fraction of the window size.
-        **kwargs: further :class:`monai.inferers.SlidingWindowInferer` arguments (``padding_mode``, ``device``, ...).
+        overlap: fraction of the window shared by neighbours at most (nnU-Net's tile step 0.5 is overlap 0.5).
+        sigma_scale: sigma of the window weights as a fraction of the window size.
+        padding_mode: ``torch.nn.functional.pad`` mode for axes shorter than the window.
+        cval: the padding value for ``padding_mode="constant"`` (0: the normalised intensity mean).
+        sw_device: the device the network runs on (default: the input's).
+        device: the device the output is accumulated on (default: the input's); a CPU accumulator lets a large
+            volume run windows on a small GPU.
+
+    Raises:
+        ValueError: an ``overlap`` outside [0, 1).
 
     Example::
 
         inferer = GaussianSlidingWindowInferer(roi_size=(96, 96, 64), sw_batch_size=2, overlap=0.5)
-        logits = inferer(image, network)
+        logits = inferer(image, network)  # (B, n_classes, *image.shape[2:])
     """
 
     def __init__(
@@ -116,16 +122,85 @@ class GaussianSlidingWindowInferer(SlidingWindowInferer):
         sw_batch_size: int = 1,
         overlap: float = 0.5,
         sigma_scale: float = 0.125,
-        **kwargs: Any,
+        padding_mode: str = "constant",
+        cval: float = 0.0,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(roi_size, sw_batch_size, overlap, mode="gaussian", sigma_scale=sigma_scale, **kwargs)
-        self.roi_weight_map = centred_gaussian([int(n) for n in roi_size], sigma_scale)
+        super().__init__()
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        self.roi_size = tuple(int(n) for n in roi_size)
+        self.sw_batch_size = max(1, int(sw_batch_size))
+        self.overlap = float(overlap)
+        self.padding_mode = padding_mode
+        self.cval = float(cval)
+        self.sw_device = sw_device
+        self.device = device
+        self.roi_weight_map = centred_gaussian(self.roi_size, sigma_scale)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Sliding-window inference of ``inputs`` (``(B, C, *spatial)``) with the windows spread evenly."""
-        window = copy.copy(self)  # the overlap is per input size; calls may run side by side (MONAI Label)
-        window.overlap = evenly_spread_overlap(inputs.shape[2:], self.roi_size, self.overlap)
-        return SlidingWindowInferer.__call__(window, inputs, network, *args, **kwargs)
+        """Sliding-window inference of ``inputs`` (``(B, C, *spatial)``).
+
+        Args:
+            inputs: batch-first input.
+            network: a callable taking ``(n, C, *roi_size)`` windows to ``(n, n_classes, *roi_size)`` outputs.
+            *args: passed on to ``network``.
+            **kwargs: passed on to ``network``.
+
+        Returns:
+            ``(B, n_classes, *spatial)`` float32, of the input's type (a MetaTensor keeps the input's metadata).
+
+        Raises:
+            ValueError: if the input's spatial rank is not the window's, or the network changes the window size.
+        """
+        spatial = tuple(inputs.shape[2:])
+        if len(spatial) != len(self.roi_size):
+            raise ValueError(
+                f"a {len(self.roi_size)}-D window {self.roi_size} does not fit an input of shape {tuple(inputs.shape)}"
+            )
+        device = torch.device(self.device) if self.device is not None else inputs.device
+        sw_device = torch.device(self.sw_device) if self.sw_device is not None else inputs.device
+        # pad short axes on both sides, half below (F.pad lists the last axis first)
+        short = [max(0, roi - n) for n, roi in zip(spatial, self.roi_size)]
+        pads = [p for d in reversed(short) for p in (d // 2, d - d // 2)]
+        image = torch.as_tensor(inputs)  # plain tensor: windows need no metadata
+        if any(short):
+            kwargs_pad = {"value": self.cval} if self.padding_mode == "constant" else {}
+            image = torch.nn.functional.pad(image, pads, mode=self.padding_mode, **kwargs_pad)
+        padded = tuple(image.shape[2:])
+        starts = list(itertools.product(
+            *[window_starts(n, roi, 1 - self.overlap) for n, roi in zip(padded, self.roi_size)]
+        ))
+        weights = self.roi_weight_map.to(device)
+        weight_sum = torch.zeros(padded, dtype=torch.float32, device=device)
+        for start in starts:
+            weight_sum[self._window(start)] += weights
+        total: torch.Tensor | None = None
+        for b in range(image.shape[0]):
+            for first in range(0, len(starts), self.sw_batch_size):
+                chunk = starts[first:first + self.sw_batch_size]
+                windows = torch.stack([image[b][(slice(None), *self._window(s))] for s in chunk]).to(sw_device)
+                out = network(windows, *args, **kwargs)
+                if not isinstance(out, torch.Tensor) or tuple(out.shape[2:]) != self.roi_size:
+                    raise ValueError(
+                        f"the network must map {self.roi_size} windows to outputs of the same size, got "
+                        f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+                    )
+                if total is None:
+                    total = torch.zeros((image.shape[0], out.shape[1], *padded), dtype=torch.float32, device=device)
+                out = torch.as_tensor(out).to(device=device, dtype=torch.float32)
+                for s, window_out in zip(chunk, out):
+                    total[(b, slice(None), *self._window(s))].addcmul_(window_out, weights)
+        assert total is not None  # every input has at least one window
+        total /= weight_sum
+        if any(short):
+            total = total[(slice(None), slice(None), *[slice(d // 2, d // 2 + n) for d, n in zip(short, spatial)])]
+        return convert_to_dst_type(total, inputs, dtype=torch.float32)[0]
+
+    def _window(self, start: Sequence[int]) -> tuple[slice, ...]:
+        """The spatial slices of the window starting at ``start``."""
+        return tuple(slice(s, s + n) for s, n in zip(start, self.roi_size))
 
 
 class MirroringInferer(Inferer):
@@ -142,7 +217,7 @@ class MirroringInferer(Inferer):
     bundle can expose mirroring as a plain flag.
 
     Args:
-        inferer: the inferer to wrap, e.g. ``SlidingWindowInferer(roi_size=..., mode="gaussian")``.
+        inferer: the inferer to wrap, e.g. :class:`GaussianSlidingWindowInferer`.
         spatial_axes: spatial axes to mirror, 0-based after the batch and channel dimensions; all combinations
             of flips along them are evaluated (the identity included).
         enabled: whether to mirror at all.
@@ -153,7 +228,7 @@ class MirroringInferer(Inferer):
 
     Example::
 
-        inferer = MirroringInferer(SlidingWindowInferer(roi_size=(96, 96, 64), overlap=0.5), spatial_axes=(0, 1, 2))
+        inferer = MirroringInferer(GaussianSlidingWindowInferer(roi_size=(96, 96, 64)), spatial_axes=(0, 1, 2))
         log_probs = inferer(image, network)  # (B, C, *spatial); softmax(log_probs, 1) = mean of 8 flips
     """
 
@@ -228,7 +303,7 @@ class AutocastInferer(Inferer):
 
     Example::
 
-        inferer = AutocastInferer(MirroringInferer(SlidingWindowInferer(roi_size=(96, 96, 64))), "bfloat16")
+        inferer = AutocastInferer(MirroringInferer(GaussianSlidingWindowInferer(roi_size=(96, 96, 64))), "bfloat16")
         logits = inferer(image, network)  # float32, computed with bfloat16 convolutions
     """
 

@@ -16,7 +16,7 @@ from dgst_monai.inferers import (
     GaussianSlidingWindowInferer,
     MirroringInferer,
     centred_gaussian,
-    evenly_spread_overlap,
+    window_starts,
 )
 from dgst_monai.predict import find_inputs, mask_path, predict
 
@@ -133,26 +133,58 @@ def test_gaussian_sliding_window_uses_centred_weights_and_keeps_a_constant_outpu
     assert not torch.allclose(shifted, image, atol=1e-3)
 
 
-def test_windows_are_spread_evenly_with_monais_count():
+def test_windows_start_where_nnunet_places_them():
     """On a 256-voxel axis 96-voxel windows start at 0, 40, 80, 120, 160 (nnU-Net's places), not MONAI's 0, 48,
-    96, 144, 160; an aligned axis keeps MONAI's step; an axis of the window's size one window."""
+    96, 144, 160; a fractional step is rounded per window (312: 43.2 voxels), not once for the axis."""
     starts: list[tuple[int, int, int]] = []
 
     def record(patch: torch.Tensor) -> torch.Tensor:  # the input holds each voxel's coordinates
         starts.extend(tuple(int(v) for v in p[:, 0, 0, 0]) for p in patch)
         return torch.zeros(patch.shape[0], 2, *patch.shape[2:])
 
-    size = (256, 240, 32)
+    size = (256, 312, 32)
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in size], indexing="ij"))
-    GaussianSlidingWindowInferer(roi_size=(96, 96, 32), sw_batch_size=3, overlap=0.5)(grid[None], record)
+    out = GaussianSlidingWindowInferer(roi_size=(96, 96, 32), sw_batch_size=4, overlap=0.5)(grid[None], record)
+    assert out.shape == (1, 2, *size)
     assert sorted({s[0] for s in starts}) == [0, 40, 80, 120, 160]
-    assert sorted({s[1] for s in starts}) == [0, 48, 96, 144]
-    assert {s[2] for s in starts} == {0} and len(starts) == 5 * 4
+    assert sorted({s[1] for s in starts}) == [0, 43, 86, 130, 173, 216]
+    assert {s[2] for s in starts} == {0} and len(starts) == len(set(starts)) == 5 * 6
     plain: list[tuple[int, int, int]] = []
     SlidingWindowInferer(roi_size=(96, 96, 32), overlap=0.5)(grid[None], lambda p: plain.extend(
         tuple(int(v) for v in q[:, 0, 0, 0]) for q in p) or torch.zeros(p.shape[0], 2, *p.shape[2:]))
-    assert sorted({s[0] for s in plain}) == [0, 48, 96, 144, 160] and len(plain) == len(starts)
-    assert evenly_spread_overlap((256, 300), (96, 96), 0.0) == (1 - 80.5 / 96, 1 - 68.5 / 96)
+    assert sorted({s[0] for s in plain}) == [0, 48, 96, 144, 160]
+    assert sorted({s[1] for s in plain}) == [0, 48, 96, 144, 192, 216]
+    assert window_starts(240, 96) == [0, 48, 96, 144] and window_starts(96, 96) == window_starts(50, 96) == [0]
+    assert window_starts(256, 96, step=1.0) == [0, 80, 160]
+    with pytest.raises(ValueError, match="window step"):
+        window_starts(256, 96, step=0.0)
+
+
+def test_short_axes_are_padded_on_both_sides_and_cropped_off():
+    """An axis shorter than the window is padded half below, half above (as nnU-Net pads), and the result is
+    cropped back to the input's grid, keeping a MetaTensor's metadata; a network that resizes is refused."""
+    from monai.data import MetaTensor
+
+    seen: list[torch.Tensor] = []
+
+    def record(patch: torch.Tensor) -> torch.Tensor:
+        seen.append(patch.clone())
+        return patch.repeat(1, 2, 1, 1, 1)
+
+    affine = torch.diag(torch.tensor([0.8, 0.8, 5.0, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.rand(1, 1, 20, 16, 5) + 1, affine=affine, meta={"filename_or_obj": "ct.nii.gz"})
+    out = GaussianSlidingWindowInferer(roi_size=(20, 16, 8), cval=0.0)(image, record)
+    assert len(seen) == 1 and seen[0].shape == (1, 1, 20, 16, 8)
+    # 3 voxels of padding: 1 below, 2 above, at cval; the image sits in between
+    assert torch.all(seen[0][..., 0] == 0) and torch.all(seen[0][..., 6:] == 0)
+    assert torch.equal(seen[0][..., 1:6], image.as_tensor())
+    assert isinstance(out, MetaTensor) and out.shape == (1, 2, 20, 16, 5)
+    assert torch.equal(out.affine, image.affine) and out.meta["filename_or_obj"] == "ct.nii.gz"
+    torch.testing.assert_close(out.as_tensor(), image.as_tensor().repeat(1, 2, 1, 1, 1))
+    with pytest.raises(ValueError, match="same size"):
+        GaussianSlidingWindowInferer(roi_size=(20, 16, 8))(image, lambda x: x[..., :4])
+    with pytest.raises(ValueError, match="does not fit"):
+        GaussianSlidingWindowInferer(roi_size=(20, 16))(image, record)
 
 
 def test_find_inputs_and_clashing_outputs(tmp_path):

@@ -247,9 +247,10 @@ def test_export_loads_in_the_bundle_and_reproduces_nnunet(tmp_path):
     override = tmp_path / "models" / "model_override.json"
     assert checkpoint == tmp_path / "models" / "model.pt" and override.is_file()
     values = json.loads(override.read_text(encoding="utf-8"))
-    # the topology (the bundle builds its own network class from the plan) and nnU-Net's resampling rule
-    assert set(values) == {"nnunet_source", "plan", "in_channels", "out_channels", "resampling"}
-    assert values["resampling"] == "nnunet"
+    # the topology (the bundle builds its own network class from the plan), nnU-Net's resampling rule and its
+    # voxel order (no reorientation)
+    assert set(values) == {"nnunet_source", "plan", "in_channels", "out_channels", "resampling", "orientation"}
+    assert values["resampling"] == "nnunet" and values["orientation"] == "file"
     plan = values["plan"]
     # bundle (x, y, z) order: the nnU-Net (z, y, x) plan reversed
     assert plan["spacing"] == [1.0, 1.0, 3.0] and plan["patch_size"] == [32, 32, 8]

@@ -77,11 +77,12 @@ def _thick_slice_scan(path, size=(40, 36, 9), spacing=(0.57, 0.57, 5.0), origin=
     return path
 
 
-def _preprocessing(checkpoint, rule: str):
+def _preprocessing(checkpoint, rule: str, orientation: str = "RAS"):
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / "ln_ct_dynunet" / "configs" / "inference.json"))
     parser["checkpoint"] = str(checkpoint)
     parser["resampling"] = rule
+    parser["orientation"] = orientation
     parser["preset"] = TINY_NETWORK["ln_ct_dynunet"]["preset"]
     return parser.get_parsed_content("preprocessing"), parser.get_parsed_content("spacing")
 
@@ -125,6 +126,31 @@ def test_bundle_nnunet_rule_normalises_first_then_resamples_and_inverts_to_the_s
     np.testing.assert_allclose(inverted.affine.numpy(), loaded.affine.numpy(), atol=1e-5)
     along_z = inverted[1, 20, 18, :].numpy()
     assert np.array_equal(along_z, np.round(along_z)) and list(along_z) == sorted(along_z)
+
+
+def test_orientation_file_keeps_the_scans_voxel_order(checkpoint, tmp_path):
+    """nnU-Net predicts in the file's voxel order: ``orientation: file`` (export_nnunet's override sets it) skips
+    the reorientation to RAS, which on an LPS scan (identity direction) mirrors x and y, and the inverted
+    prediction still lands on the scan's grid."""
+    scan = _thick_slice_scan(tmp_path / "ct.nii.gz")
+    as_file = _preprocessing(checkpoint, "nnunet", orientation="file")[0]
+    as_ras = _preprocessing(checkpoint, "nnunet")[0]
+    assert [type(t).__name__ for t in as_ras.transforms].count("Orientationd") == 1
+    assert "Orientationd" not in [type(t).__name__ for t in as_file.transforms]
+    file_data = as_file({"image": str(scan)})
+    file_image, ras_image = file_data["image"], as_ras({"image": str(scan)})["image"]
+    # MONAI affines are RAS: the file's LPS axes point the other way in x and y
+    assert np.array_equal(np.sign(np.diag(file_image.affine.numpy())[:3]), [-1.0, -1.0, 1.0])
+    assert np.array_equal(np.sign(np.diag(ras_image.affine.numpy())[:3]), [1.0, 1.0, 1.0])
+    # the same resampled voxels, mirrored in x and y (resampling keeps the outer edges, so it commutes with flips)
+    torch.testing.assert_close(file_image.as_tensor(), ras_image.as_tensor().flip(1, 2), atol=1e-4, rtol=0)
+    # voxel 0 of the file-order array is the file's voxel 0 (SimpleITK arrays are (z, y, x))
+    raw = Compose(as_file.transforms[:2])({"image": str(scan)})["image"]
+    assert float(raw[0, 0, 0, 0]) == float(sitk.GetArrayFromImage(sitk.ReadImage(str(scan)))[0, 0, 0])
+    file_data["pred"] = MetaTensor(torch.zeros(2, *file_image.shape[1:]), meta=file_image.meta)
+    inverted = Invertd("pred", transform=as_file, orig_keys="image", nearest_interp=False)(file_data)["pred"]
+    assert tuple(inverted.shape) == (2, 40, 36, 9)
+    np.testing.assert_allclose(inverted.affine.numpy(), raw.affine.numpy(), atol=1e-5)
 
 
 def test_unknown_rule_is_refused(checkpoint):

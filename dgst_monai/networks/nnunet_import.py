@@ -37,8 +37,9 @@ in, ``logits.permute(0, 1, *[2 + a for a in p])`` out; for the usual ``transpose
 are ``permute(0, 1, 4, 3, 2)``), or imports with ``axes="bundle"``: kernels, strides and every conv weight
 are permuted so that the network takes ``(B, C, x, y, z)`` and returns the same logits, permuted (exactly:
 convolution commutes with an axis permutation). :func:`export_nnunet` writes the
-``axes="bundle"`` network. Axis *flips* between nnU-Net's input (no reorientation) and RAS are not undone:
-nnU-Net trains with mirroring on all axes, so predictions are close but not identical to nnU-Net's own.
+``axes="bundle"`` network and an override that sets the bundle's ``orientation`` to ``"file"``: nnU-Net never
+reorients, so the bundle then skips ``Orientationd`` too, and the network sees the voxels in nnU-Net's order,
+not mirrored (on an LPS scan, RAS would flip x and y, and with them the window places and weights).
 
 Not supported (clear errors): ``ResidualEncoderUNet`` (nnU-Net ResEnc: several residual blocks per stage,
 an average-pool shortcut and a stem that MONAI's DynUNet cannot hold), other classes and trainers that build
@@ -165,10 +166,10 @@ def export_nnunet(
     ``normalization.json`` (the plans' foreground intensity properties: the model's own CT normalisation) and
     ``<stem>_override.json``: the bundle's ``plan`` (a :class:`~dgst_monai.networks.planner.DynUNetPlan` with
     the model's spacing, patch, kernels, strides, filters, norm, activation and biases, in the bundle's
-    ``(x, y, z)`` order with ``axes="bundle"``, the default), the channels, and ``resampling: "nnunet"``: the
-    inference config then resamples scans with nnU-Net's rule
-    (:class:`~dgst_monai.transforms.ResampleAndNormalized`), so that the masks are nnU-Net's own. The bundle
-    builds its own network class from the plan. Merge it last::
+    ``(x, y, z)`` order with ``axes="bundle"``, the default), the channels, ``resampling: "nnunet"`` and
+    ``orientation: "file"``: the inference config then resamples scans with nnU-Net's rule
+    (:class:`~dgst_monai.transforms.ResampleAndNormalized`) and keeps their voxel order, as nnU-Net does, so
+    that the masks are nnU-Net's own. The bundle builds its own network class from the plan. Merge it last::
 
         python -m monai.bundle run --config_file \\
             "['configs/train.json','configs/finetune.json','models/model_override.json']" \\
@@ -236,6 +237,8 @@ def export_nnunet(
         "out_channels": net.out_channels,
         # inference resamples as nnU-Net trained the model: normalise, then cubic in-plane, nearest thick slice
         "resampling": "nnunet",
+        # and predicts in the file's own voxel order, as nnU-Net does (no reorientation to RAS)
+        "orientation": "file",
     }
     # the model's CT normalisation travels with its weights, as for every bundle checkpoint
     save_normalization(output.parent, normalization_from_nnunet_plans(Path(model_folder) / "plans.json"))
