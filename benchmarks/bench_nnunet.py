@@ -102,7 +102,10 @@ INFER_SIDES = ("ours", "nnunet")
 #: "compile" sets the bundles' ``compile`` (torch.compile, inductor, weights frozen) and "bf16-compile" both. A
 #: compiled side's inductor cache lives in the work folder and is emptied before the first round: round 1 includes
 #: a cold compile, later rounds load the compiled code from that cache (a warm start, as a second run would)
-OUR_VARIANTS = ("monai-gaussian", "channels-last", "bf16", "monai-resampling", "compile", "bf16-compile")
+#: "monai-window" runs MONAI's SlidingWindowInferer (its window places and stitching, the bundles' Gaussian) instead
+#: of the bundles' own window loop; "inference-mode" runs the evaluator under torch.inference_mode, not no_grad
+OUR_VARIANTS = ("monai-gaussian", "channels-last", "bf16", "monai-resampling", "compile", "bf16-compile",
+                "monai-window", "inference-mode")
 #: training variant -> the our-side training sides it is timed for
 TRAIN_VARIANTS = {"channels-last": ("ours-pretrain",), "bf16": ("ours-pretrain", "ours-dgst")}
 
@@ -405,13 +408,21 @@ def infer_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
         window = evaluator.inferer.inferer.inferer  # AutocastInferer > MirroringInferer > the sliding window
         window.roi_weight_map = compute_importance_map(window.roi_size, mode="gaussian", sigma_scale=0.125)
+    if spec.get("variant") == "monai-window":
+        from monai.inferers import SlidingWindowInferer
+
+        ours = evaluator.inferer.inferer.inferer
+        window = SlidingWindowInferer(ours.roi_size, ours.sw_batch_size, ours.overlap, mode="gaussian")
+        window.roi_weight_map = ours.roi_weight_map
+        evaluator.inferer.inferer.inferer = window
     if spec.get("variant") == "channels-last":
         evaluator.network.to(memory_format=torch.channels_last_3d)
     torch.set_num_threads(spec["threads"])
     out: dict[str, Any] = {"threads": torch.get_num_threads()}
     rss_before = _start_peak()
     t0 = time.perf_counter()
-    evaluator.run()
+    with torch.inference_mode(spec.get("variant") == "inference-mode"):
+        evaluator.run()
     out["seconds"] = time.perf_counter() - t0
     _peak(out, rss_before)
     out["mask"] = str(next(Path(spec["output_dir"]).glob("*.nii.gz")))

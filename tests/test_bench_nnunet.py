@@ -19,10 +19,28 @@ pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (pip install -
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_nnunet.py"
 
 
+def _lps_scan(path: Path) -> Path:
+    """A 100 x 90 x 30 CT-like scan at the tiny plan's spacing, identity direction (LPS), a bright blob off centre."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    array = rng.normal(40.0, 60.0, size=(30, 90, 100))  # SimpleITK arrays are (z, y, x)
+    z, y, x = np.ogrid[:30, :90, :100]
+    array[(z - 12) ** 2 / 36 + (y - 30) ** 2 / 100 + (x - 70) ** 2 / 100 <= 1] += 300.0
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing((0.8, 0.8, 2.0))
+    image.SetOrigin((-40.0, 12.5, -300.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
 def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp_path: Path) -> None:
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    scan = _lps_scan(tmp_path / "lps_ct.nii.gz")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--work", str(tmp_path / "work"),
+         "--volumes", "small", "thick5mm", "--scan", str(scan),
          "--variants", "monai-gaussian", "monai-resampling", "--json", str(out), "--markdown", str(md)],
         capture_output=True, text=True, encoding="utf-8", timeout=900, check=False,
     )
@@ -58,6 +76,11 @@ def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp
     ours = sides["ours"]["agreement"]
     assert ours["nnunet_voxels"] > 0 and ours["dice"] >= 0.99
     assert 0.5 < sides["ours-monai-gaussian"]["agreement"]["dice"] <= ours["dice"]
+
+    # a scan as stored (LPS: identity direction) whose x and y are not window-aligned: the imported model keeps
+    # the file's voxel order and places its windows at nnU-Net's rounded fractional steps, so the masks agree
+    lps = result["inference"]["scan-lps_ct"]["summary"]["sides"]["ours"]["agreement"]
+    assert lps["shape"] == [30, 90, 100] and lps["nnunet_voxels"] > 0 and lps["dice"] >= 0.99
 
     text = md.read_text(encoding="utf-8")
     for row in ("| ours-pretrain |", "| ours-dgst |", "| nnunet |", "| ours-monai-gaussian |", "Command:"):
