@@ -41,7 +41,7 @@ def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--work", str(tmp_path / "work"),
          "--volumes", "small", "thick5mm", "--scan", str(scan),
-         "--variants", "monai-gaussian", "monai-resampling", "--json", str(out), "--markdown", str(md)],
+         "--variants", "monai-gaussian", "monai-resampling", "monai-window", "--json", str(out), "--markdown", str(md)],
         capture_output=True, text=True, encoding="utf-8", timeout=900, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp
     assert thick["ours-monai-resampling"]["agreement"]["dice"] < thick["ours"]["agreement"]["dice"]
 
     sides = result["inference"]["small"]["summary"]["sides"]
-    assert set(sides) == {"ours", "nnunet", "ours-monai-gaussian", "ours-monai-resampling"}
+    assert set(sides) == {"ours", "nnunet", "ours-monai-gaussian", "ours-monai-resampling", "ours-monai-window"}
     # same weights, same windows (the tiny volume is tile-aligned, at the plan's spacing): with the bundle's
     # nnU-Net-style window weighting our pipeline gives nnU-Net's mask; MONAI's own Gaussian (centred between
     # voxels) moves some voxels
@@ -79,8 +79,11 @@ def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp
 
     # a scan as stored (LPS: identity direction) whose x and y are not window-aligned: the imported model keeps
     # the file's voxel order and places its windows at nnU-Net's rounded fractional steps, so the masks agree
-    lps = result["inference"]["scan-lps_ct"]["summary"]["sides"]["ours"]["agreement"]
+    lps_sides = result["inference"]["scan-lps_ct"]["summary"]["sides"]
+    lps = lps_sides["ours"]["agreement"]
     assert lps["shape"] == [30, 90, 100] and lps["nnunet_voxels"] > 0 and lps["dice"] >= 0.99
+    # MONAI's own sliding window starts them at 0, 24, 48, 52: a different mask
+    assert lps_sides["ours-monai-window"]["agreement"]["dice"] < 0.99
 
     text = md.read_text(encoding="utf-8")
     for row in ("| ours-pretrain |", "| ours-dgst |", "| nnunet |", "| ours-monai-gaussian |", "Command:"):
