@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
 __all__ = [
     "PRECISIONS",
@@ -94,7 +94,7 @@ class GaussianSlidingWindowInferer(Inferer):
     An axis shorter than the window is padded on both sides (half below, the rest above, with ``cval``) and the
     padding is cropped off the result. Windows are cut from the input ``sw_batch_size`` at a time, their outputs
     weighted and summed into one preallocated float32 accumulator; the weight sum per voxel is computed once
-    per input size. With the same weights, this gives nnU-Net's mask (``benchmarks/bench_nnunet.py``).
+    per call, not per window. With the same weights, this gives nnU-Net's mask (``benchmarks/bench_nnunet.py``).
 
     Args:
         roi_size: the window size per spatial axis.
@@ -164,7 +164,7 @@ class GaussianSlidingWindowInferer(Inferer):
         # pad short axes on both sides, half below (F.pad lists the last axis first)
         short = [max(0, roi - n) for n, roi in zip(spatial, self.roi_size)]
         pads = [p for d in reversed(short) for p in (d // 2, d - d // 2)]
-        image = torch.as_tensor(inputs)  # plain tensor: windows need no metadata
+        image = convert_to_tensor(inputs, track_meta=False)  # plain tensor: windows need no metadata
         if any(short):
             kwargs_pad = {"value": self.cval} if self.padding_mode == "constant" else {}
             image = torch.nn.functional.pad(image, pads, mode=self.padding_mode, **kwargs_pad)
