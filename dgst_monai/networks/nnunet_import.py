@@ -30,16 +30,17 @@ Axis order: nnU-Net runs its network on its preprocessed array: the image as Sim
 axes reversed (``(z, y, x)`` for an axial CT; nnU-Net's NiBabel readers transpose to match), then permuted by
 the plans' ``transpose_forward``, resampled to ``configurations[c]["spacing"]`` (given in that order).
 ``import_nnunet(..., axes="nnunet")`` (the default) keeps exactly that order: its input is
-``(B, C, *nnunet_axes)``. The ``ln_ct_dynunet`` bundle feeds MONAI arrays after ``Orientationd("RAS")``,
-``(B, C, x, y, z)``; a bundle user either transposes to nnU-Net's order and back (with
-``p = bundle_to_nnunet_axes(transpose_forward)``: ``image.permute(0, 1, *[2 + p.index(a) for a in range(3)])``
-in, ``logits.permute(0, 1, *[2 + a for a in p])`` out; for the usual ``transpose_forward = [0, 1, 2]`` both
-are ``permute(0, 1, 4, 3, 2)``), or imports with ``axes="bundle"``: kernels, strides and every conv weight
-are permuted so that the network takes ``(B, C, x, y, z)`` and returns the same logits, permuted (exactly:
-convolution commutes with an axis permutation). :func:`export_nnunet` writes the
-``axes="bundle"`` network and an override that sets the bundle's ``orientation`` to ``"file"``: nnU-Net never
-reorients, so the bundle then skips ``Orientationd`` too, and the network sees the voxels in nnU-Net's order,
-not mirrored (on an LPS scan, RAS would flip x and y, and with them the window places and weights).
+``(B, C, *nnunet_axes)``. The ``ln_ct_dynunet`` bundle feeds MONAI arrays, ``(B, C, x, y, z)`` (after
+``Orientationd("RAS")`` by default, in the file's own order with ``orientation: "file"``); a bundle user
+either transposes to nnU-Net's order and back (with ``p = bundle_to_nnunet_axes(transpose_forward)``:
+``image.permute(0, 1, *[2 + p.index(a) for a in range(3)])`` in, ``logits.permute(0, 1, *[2 + a for a in p])``
+out; for the usual ``transpose_forward = [0, 1, 2]`` both are ``permute(0, 1, 4, 3, 2)``), or imports with
+``axes="bundle"``: kernels, strides and every conv weight are permuted so that the network takes
+``(B, C, x, y, z)`` and returns the same logits, permuted (exactly: convolution commutes with an axis
+permutation). :func:`export_nnunet` writes the ``axes="bundle"`` network and an override that sets the
+bundle's ``orientation`` to ``"file"``: nnU-Net never reorients, so the bundle then skips ``Orientationd``
+too, and the network sees the voxels in nnU-Net's order, not mirrored (on an LPS scan, RAS would flip x and
+y, and with them the window places and weights).
 
 Not supported (clear errors): ``ResidualEncoderUNet`` (nnU-Net ResEnc: several residual blocks per stage,
 an average-pool shortcut and a stem that MONAI's DynUNet cannot hold), other classes and trainers that build
