@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FALSE_WORDS", "TRUE_WORDS", "flag"]
+__all__ = ["FALSE_WORDS", "TRUE_WORDS", "flag", "orientation"]
 
 #: Spellings read as True / False (compared in lower case, surrounding blanks ignored).
 TRUE_WORDS: frozenset[str] = frozenset({"true", "t", "yes", "y", "on", "1"})
@@ -64,3 +64,34 @@ def flag(value: Any, name: str = "value") -> bool:
         f"{name} must be true or false, got {value!r}; write one of "
         f"{', '.join(sorted(TRUE_WORDS))} or {', '.join(sorted(FALSE_WORDS))} (e.g. --{name} false)"
     )
+
+
+def orientation(value: Any, name: str = "orientation") -> str:
+    """The ``orientation`` setting: ``"file"`` (keep the file's voxel order) or three axis codes such as ``RAS``.
+
+    Args:
+        value: what the config (or the command line) holds.
+        name: the config key, for the error message.
+
+    Returns:
+        ``"file"``, or the axis codes in upper case, one of L/R, P/A and I/S each, for ``Orientationd``.
+
+    Raises:
+        ValueError: anything else, before any scan is read.
+
+    Example::
+
+        orientation("ras")   # "RAS"
+        orientation("File")  # "file"
+    """
+    text = str(value).strip()
+    if text.lower() == "file":
+        return "file"
+    codes = text.upper()
+    axes = [next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), None) for c in codes]
+    if len(codes) != 3 or sorted(a for a in axes if a is not None) != [0, 1, 2]:
+        raise ValueError(
+            f"{name} must be 'file' (the file's voxel order, as nnU-Net) or three axis codes with one of L/R, P/A "
+            f"and I/S each (e.g. RAS, LPS), got {value!r}"
+        )
+    return codes

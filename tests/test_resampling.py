@@ -9,11 +9,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 from bundle_support import BUNDLES, TINY_NETWORK, save_tiny_checkpoint
+from helpers import error_chain
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
 from dgst_monai import resampling
+from dgst_monai.config_values import orientation
 from dgst_monai.normalization import load_normalization, save_normalization
 from dgst_monai.predict import predict
 from dgst_monai.transforms import ResampleAndNormalized
@@ -151,6 +153,16 @@ def test_orientation_file_keeps_the_scans_voxel_order(checkpoint, tmp_path):
     inverted = Invertd("pred", transform=as_file, orig_keys="image", nearest_interp=False)(file_data)["pred"]
     assert tuple(inverted.shape) == (2, 40, 36, 9)
     np.testing.assert_allclose(inverted.affine.numpy(), raw.affine.numpy(), atol=1e-5)
+
+
+def test_orientation_setting_is_checked_before_any_scan_is_read(checkpoint):
+    assert [orientation(v) for v in ("ras", " File ", "LPI")] == ["RAS", "file", "LPI"]
+    for bad in ("XYZ", "RRS", "RA", "RASL", None):
+        with pytest.raises(ValueError, match="orientation must be 'file'"):
+            orientation(bad)
+    with pytest.raises(Exception) as failure:
+        _preprocessing(checkpoint, "nnunet", orientation="XYZ")
+    assert "orientation must be 'file'" in str(error_chain(failure.value)[-1])
 
 
 def test_unknown_rule_is_refused(checkpoint):
