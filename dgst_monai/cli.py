@@ -104,10 +104,13 @@ class Commands:
         checkpoint: str | None = None,
         mirror: bool = False,
         preset: str | None = None,
+        format: Any = "nifti",  # noqa: A002 - the command's --format
     ) -> str:
         """Segment lymph nodes in CT scans (NIfTI / NRRD files, DICOM series folders, folders of volumes) with a
         bundle's inference config; writes ``<case>_lymph_nodes.nii.gz`` masks with each input's exact geometry
-        into ``--output``.
+        into ``--output``. ``--format nifti,dicom-seg,rtstruct`` also writes, for DICOM series inputs,
+        ``<case>_lymph_nodes_seg.dcm`` (DICOM-SEG) and ``<case>_lymph_nodes_rtstruct.dcm`` (RTSTRUCT) referencing
+        the series.
 
         The scans follow ``--input`` (``--input a.nii.gz b.nii.gz``) or stand on their own
         (``predict a.nii.gz b.nii.gz --bundle ...``). ``--bundle`` is a bundle folder or the name of a shipped
@@ -127,6 +130,7 @@ class Commands:
             checkpoint=None if checkpoint is None else str(checkpoint),
             mirror=mirror,
             preset=None if preset is None else str(preset),
+            format=",".join(format) if isinstance(format, (list, tuple)) else str(format),
         )
         return "\n".join(masks)
 

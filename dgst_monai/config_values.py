@@ -95,3 +95,21 @@ def orientation(value: Any, name: str = "orientation") -> str:
             f"and I/S each (e.g. RAS, LPS), got {value!r}"
         )
     return codes
+
+
+def output_formats(value: Any, name: str = "output_format") -> tuple[str, ...]:
+    """The ``output_format`` setting: ``nifti``, ``dicom-seg`` and / or ``rtstruct``, comma-separated or a list.
+
+    Raises:
+        ValueError: an unknown or repeated format, or none, before any scan is read.
+
+    Example::
+
+        output_formats("nifti,dicom-seg")  # ("nifti", "dicom-seg")
+    """
+    from dgst_monai.dicom.writers import parse_formats
+
+    try:
+        return parse_formats(value)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None

@@ -1,7 +1,9 @@
 """Lymph-node masks for CT scans with a bundle's ``inference.json``: the ``dgst-monai predict`` command.
 
 Each mask is a NIfTI file with exactly the input's geometry (size, spacing, origin, direction): the bundle
-resamples the scan for the network and inverts the prediction back to the input grid (``Invertd``).
+resamples the scan for the network and inverts the prediction back to the input grid (``Invertd``). For a
+DICOM series the same mask can come back as DICOM-SEG and / or RTSTRUCT referencing the series
+(``output_format``; :class:`dgst_monai.transforms.SaveDicomd`).
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ from monai.data.folder_layout import default_name_formatter
 
 from dgst_monai.data.cases import VOLUME_SUFFIXES, case_id_from_path
 
-__all__ = ["find_inputs", "mask_name_formatter", "mask_path", "predict"]
+__all__ = ["find_inputs", "mask_name_formatter", "mask_path", "output_paths", "output_stem", "predict"]
 
 logger = logging.getLogger(__name__)
 
 MASK_EXTENSION = ".nii.gz"
+#: file name endings of the DICOM outputs (after ``<case id>_<postfix>``)
+DICOM_ENDINGS = {"dicom-seg": "_seg.dcm", "rtstruct": "_rtstruct.dcm"}
 
 
 def _is_volume(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)  # a folder of none: one DICOM series
 
 
-def find_inputs(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+def find_inputs(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], formats: str | Sequence[str] = "nifti"
+) -> list[str]:
     """The scans to segment, from files and folders.
 
     A file is taken as is. A folder holding volume files (NIfTI, NRRD, MetaImage) stands for those files
@@ -35,14 +41,20 @@ def find_inputs(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
     Args:
         paths: one path or a list of paths.
+        formats: the output formats asked for; a DICOM one (``dicom-seg``, ``rtstruct``) needs every input to
+            be a DICOM series folder.
 
     Returns:
         Absolute paths, in the order given.
 
     Raises:
         FileNotFoundError: a path does not exist, or is a folder without any file.
-        ValueError: no path given.
+        ValueError: no path given, an unknown format, or a DICOM format for an input that is not a DICOM series.
     """
+    from dgst_monai.config_values import output_formats
+    from dgst_monai.dicom.writers import DICOM_FORMATS
+
+    dicom = [f for f in output_formats(formats) if f in DICOM_FORMATS]
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     found: list[str] = []
     for item in items:
@@ -65,6 +77,17 @@ def find_inputs(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
             found.append(str(path.resolve()))
     if not found:
         raise ValueError("no input scan given")
+    not_series = [f for f in found if not os.path.isdir(f)]
+    if dicom and not_series:
+        raise ValueError(
+            f"output format {', '.join(dicom)} needs DICOM series folders as input: {not_series[0]} is a volume "
+            "file (DICOM-SEG and RTSTRUCT reference the source series' images); ask for nifti for it"
+        )
+    if dicom:
+        from dgst_monai.dicom.writers import load_series
+
+        for folder in found:
+            load_series(folder)  # one regular CT series, or an error naming the folder, before any inference
     return found
 
 
@@ -89,9 +112,29 @@ def mask_name_formatter(metadict: dict[str, Any] | None, saver: Any) -> dict[str
     return {"subject": _subject(source), "idx": (metadict or {}).get("patch_index")}
 
 
+def output_stem(source: str | os.PathLike[str], postfix: str = "lymph_nodes") -> str:
+    """The file name stem of every output for ``source``: ``<case id>_<postfix>``."""
+    return f"{_subject(source)}_{postfix}"
+
+
 def mask_path(source: str | os.PathLike[str], output_dir: str | os.PathLike[str], postfix: str = "lymph_nodes") -> Path:
     """Where the bundle writes the mask of ``source``: ``<output_dir>/<case id>_<postfix>.nii.gz``."""
-    return Path(output_dir) / f"{_subject(source)}_{postfix}{MASK_EXTENSION}"
+    return Path(output_dir) / f"{output_stem(source, postfix)}{MASK_EXTENSION}"
+
+
+def output_paths(
+    source: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    postfix: str = "lymph_nodes",
+    formats: Sequence[str] = ("nifti",),
+) -> list[Path]:
+    """Every file the bundle writes for ``source`` in ``formats``: the NIfTI mask, ``..._seg.dcm``,
+    ``..._rtstruct.dcm``."""
+    stem = output_stem(source, postfix)
+    return [
+        mask_path(source, output_dir, postfix) if f == "nifti" else Path(output_dir) / f"{stem}{DICOM_ENDINGS[f]}"
+        for f in formats
+    ]
 
 
 def predict(
@@ -101,6 +144,7 @@ def predict(
     checkpoint: str | os.PathLike[str] | None = None,
     mirror: bool = False,
     preset: str | None = None,
+    format: str | Sequence[str] = "nifti",  # noqa: A002 - the CLI's --format
     **overrides: Any,
 ) -> list[str]:
     """Segment lymph nodes in CT scans with a bundle's ``configs/inference.json``.
@@ -118,16 +162,19 @@ def predict(
         mirror: test-time mirroring (8 flips per window: about 8 times slower, usually slightly better).
         preset: the network preset the checkpoint was trained with (the bundle's ``preset`` key, e.g.
             ``cpu-small``); default the bundle's own.
+        format: ``nifti``, ``dicom-seg``, ``rtstruct``, comma-separated (the bundle's ``output_format``); the
+            DICOM formats need DICOM series folders as inputs, checked before any inference.
         **overrides: further config overrides, as ``--key value`` of ``monai.bundle run`` (e.g.
             ``patch_size=[64, 64, 32]``, ``output_postfix="ln"``).
 
     Returns:
-        The masks written, in the order of the inputs.
+        The files written, in the order of the inputs (per input, in the order of ``format``).
 
     Raises:
         FileNotFoundError: missing bundle, checkpoint or input.
         TypeError: ``mirror`` is not a boolean.
-        ValueError: two inputs would write the same mask file.
+        ValueError: two inputs would write the same mask file; a DICOM format for an input that is not a DICOM
+            series; an unknown format.
 
     Example::
 
@@ -145,9 +192,13 @@ def predict(
     weights = Path(checkpoint).expanduser().resolve() if checkpoint else root / "models" / "model.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {weights} not found; pass checkpoint=... (--checkpoint)")
-    sources = find_inputs(input)
+    from dgst_monai.config_values import output_formats
+
+    formats = output_formats(format)
+    sources = find_inputs(input, formats)
     out_dir = Path(output).expanduser().resolve()
-    targets = [mask_path(s, out_dir, overrides.get("output_postfix", "lymph_nodes")) for s in sources]
+    postfix = overrides.get("output_postfix", "lymph_nodes")
+    targets = [t for s in sources for t in output_paths(s, out_dir, postfix, formats)]
     clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
     if clashes:
         raise ValueError(
@@ -166,6 +217,7 @@ def predict(
         output_dir=str(out_dir),
         checkpoint=str(weights),
         mirror=mirror,
+        output_format=",".join(formats),
         **overrides,
     )
     workflow.initialize()

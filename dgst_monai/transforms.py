@@ -16,7 +16,7 @@ from monai.utils import TraceKeys
 from dgst_monai import resampling as nnunet_resampling
 from dgst_monai.normalization import load_normalization
 
-__all__ = ["RESAMPLING_RULES", "CheckpointNormalized", "ResampleAndNormalized"]
+__all__ = ["RESAMPLING_RULES", "CheckpointNormalized", "ResampleAndNormalized", "SaveDicomd"]
 
 #: ``ResampleAndNormalized``'s rules: "monai", how the bundles train; "nnunet", nnU-Net v2's, for imported models
 RESAMPLING_RULES = ("monai", "nnunet")
@@ -138,3 +138,77 @@ class ResampleAndNormalized(MapTransform, InvertibleTransform):
             out.affine = image.affine.double() @ torch.as_tensor(to_new, dtype=torch.float64)
             d[key] = out
         return d
+
+
+class SaveDicomd(MapTransform):
+    """Write a predicted mask back as DICOM-SEG and / or RTSTRUCT on the DICOM series it was predicted from.
+
+    Placed after ``SaveImaged`` in an inference config's postprocessing: the mask (channel-first, on the input's
+    grid after ``Invertd``) is mapped onto the source series (its ``filename_or_obj``, a DICOM series folder)
+    without resampling and written with :func:`dgst_monai.dicom.writers.mask_to_dicom` as
+    ``<case>_<postfix>_seg.dcm`` / ``<case>_<postfix>_rtstruct.dcm``. Formats other than DICOM ones (``nifti``,
+    which ``SaveImaged`` writes) are ignored here, so the bundle's one ``output_format`` setting drives both.
+
+    Args:
+        keys: the prediction key.
+        output_dir: folder to write into.
+        output_format: ``nifti``, ``dicom-seg``, ``rtstruct``, comma-separated or a list.
+        output_postfix: as ``SaveImaged``'s.
+        roi_name: RTSTRUCT ROI name.
+
+    Example::
+
+        {"_target_": "dgst_monai.transforms.SaveDicomd", "keys": "pred", "output_dir": "@output_dir",
+         "output_format": "dicom-seg,rtstruct"}
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike[str],
+        output_format: str | Sequence[str] = "nifti",
+        output_postfix: str = "lymph_nodes",
+        roi_name: str = "Lymph nodes",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        from dgst_monai.config_values import output_formats
+        from dgst_monai.dicom.writers import DICOM_FORMATS
+
+        super().__init__(keys, allow_missing_keys)
+        self.formats = tuple(f for f in output_formats(output_format) if f in DICOM_FORMATS)
+        self.output_dir = output_dir
+        self.output_postfix = output_postfix
+        self.roi_name = roi_name
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not self.formats:
+            return d
+        from dgst_monai.dicom.writers import mask_to_dicom
+        from dgst_monai.predict import output_stem
+
+        for key in self.key_iterator(d):
+            pred = d[key]
+            source = pred.meta.get("filename_or_obj") if isinstance(pred, MetaTensor) else None
+            if not source or not os.path.isdir(str(source)):
+                raise ValueError(f"{self.formats} output needs a DICOM series folder as input, got {source!r}")
+            stem = output_stem(source, self.output_postfix)
+            mask_to_dicom(
+                mask_image(pred), str(source), self.output_dir, self.formats, roi_name=self.roi_name, stem=stem
+            )
+        return d
+
+
+def mask_image(pred: MetaTensor) -> Any:
+    """A channel-first MetaTensor mask with a RAS affine as a SimpleITK image in LPS (what DICOM writers take)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    array = np.asarray(pred.detach().cpu())[0].astype(np.uint8)  # (x, y, z)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(pred.affine, dtype=np.float64)  # RAS -> LPS
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in affine[:3, 3]))
+    image.SetDirection(tuple(float(v) for v in (affine[:3, :3] / spacing).ravel()))
+    return image

@@ -4,6 +4,8 @@ Usage::
 
     dgst-monai data synth --domain hn --n 20 --output DIR [--preview]
     dgst-monai data index DIR --dataset segrap2023|lnq2023|radcure|nnunet --output datalist.json [--absolute]
+    dgst-monai data index DIR dicom --structures 'LN*,*node*' --output DIR/datalist.json
+    dgst-monai data to-dicom MASK --series CT_DIR --format rtstruct,dicom-seg --output OUT
     dgst-monai data check datalist.json [--quick]
     dgst-monai data split datalist.json --shots 3,5,10 --seeds 0,1,2 --output splits.json
     dgst-monai data cards                 # list the dataset cards
@@ -81,6 +83,8 @@ class DataCommands:
         label_suffix: str | None = None,
         mask_dir: str | None = None,
         mask_pattern: str | None = None,
+        structures: Any = None,
+        case_id: str | None = None,
         samples_per_case: int = DEFAULT_SAMPLES_PER_CASE,
         seed: int = 0,
     ) -> str:
@@ -88,7 +92,8 @@ class DataCommands:
 
         Args:
             folder: the dataset folder.
-            dataset: segrap2023 | lnq2023 | radcure | nnunet (layouts: ``dgst-monai data card <name>``).
+            dataset: segrap2023 | lnq2023 | radcure | nnunet | dicom (layouts: ``dgst-monai data card <name>``;
+                ``dicom``: CT series with RTSTRUCT / DICOM-SEG labels anywhere under ``folder``).
             output: datalist to write.
             absolute: absolute paths; default: relative to the datalist's folder.
             label_dir: labels in a separate tree mirroring the image layout.
@@ -100,6 +105,10 @@ class DataCommands:
             label_suffix: lnq2023: segmentation name ending (default ``-seg.nrrd``).
             mask_dir: radcure: folder of the LN masks (default: ``folder``).
             mask_pattern: radcure: mask file name (default ``{case}.nii.gz``).
+            structures: dicom (and radcure / lnq2023 DICOM releases): comma-separated, case-insensitive globs on
+                RTSTRUCT ROI names and SEG segment labels, e.g. ``'LN*,*node*,GTVn*'``; the union of the matching
+                structures is the lymph-node label, written once on the CT grid into ``<output stem>_labels/``.
+            case_id: dicom: name cases by ``patient`` (PatientID, default) or ``folder`` (the folder under ``folder``).
             samples_per_case: foreground voxels sampled per case for the intensity statistics.
             seed: sampling seed.
 
@@ -111,7 +120,8 @@ class DataCommands:
         given = {
             "label_dir": label_dir, "case_glob": case_glob, "image_file": image_file, "label_file": label_file,
             "image_glob": image_glob, "image_suffix": image_suffix, "label_suffix": label_suffix,
-            "mask_dir": mask_dir, "mask_pattern": mask_pattern,
+            "mask_dir": mask_dir, "mask_pattern": mask_pattern, "case_id": case_id,
+            "structures": None if structures is None else ",".join(structures) if isinstance(structures, (list, tuple)) else str(structures),
         }
         allowed = set(DEFAULTS.get(dataset, {})) | set(COMMON_OPTIONS)
         wrong = sorted(k for k, v in given.items() if v is not None and k not in allowed)
@@ -127,6 +137,38 @@ class DataCommands:
             f"{f', {len(found.skipped)} skipped (see above)' if found.skipped else ''}; "
             f"paths {'absolute' if absolute else 'relative to ' + str(Path(path).resolve().parent)}"
         )
+
+    def to_dicom(
+        self,
+        mask: str,
+        series: str,
+        output: str,
+        format: Any = "rtstruct,dicom-seg",  # noqa: A002 - the command's --format
+        roi_name: str = "Lymph nodes",
+        split_nodes: bool = False,
+    ) -> str:
+        """Write a lymph-node mask (NIfTI / NRRD on the CT series' voxel grid) as DICOM-SEG and / or RTSTRUCT.
+
+        Both reference the source series (study, series, frame of reference, every slice), carry its patient
+        and study attributes and get new UIDs; the files are ``<case>_seg.dcm`` and ``<case>_rtstruct.dcm``.
+
+        Args:
+            mask: the mask file (voxels > 0 are lymph node), on the series' grid in any axis order.
+            series: the CT series folder.
+            output: folder to write into.
+            format: ``rtstruct``, ``dicom-seg`` or both, comma-separated.
+            roi_name: RTSTRUCT ROI name.
+            split_nodes: one RTSTRUCT ROI per connected node (``<roi_name> 1``, ``2``, ...).
+        """
+        from dgst_monai.dicom.writers import mask_to_dicom
+
+        if not isinstance(split_nodes, bool):
+            raise ValueError(f"--split_nodes takes no value (or True / False), got {split_nodes!r}")
+        formats = ",".join(format) if isinstance(format, (list, tuple)) else str(format)
+        result = mask_to_dicom(mask, series, output, formats, roi_name=str(roi_name), split_nodes=split_nodes)
+        for note in result.notes:
+            _err(f"note: {note}")
+        return "\n".join(f"wrote {kind}: {path}" for kind, path in result.files.items())
 
     def check(
         self,

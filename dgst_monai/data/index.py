@@ -9,8 +9,14 @@ Supported layouts (the defaults below are also in the dataset cards, ``data_mani
   ``image_suffix``, ``label_suffix``). Index the fully annotated validation + test scans only.
 * ``radcure``: one folder per patient under ``DIR`` holding a DICOM CT series at any depth (the CT series with
   most slices is used; the image entry is that series folder) and an LN mask per patient,
-  ``mask_dir/<case>.nii.gz`` (``mask_pattern``; NIfTI, NRRD or MetaImage). DICOM-SEG and RTSTRUCT masks are
-  not supported: convert them to a label volume on the CT grid first.
+  ``mask_dir/<case>.nii.gz`` (``mask_pattern``; NIfTI, NRRD or MetaImage); or, with ``structures``, the
+  patients' own RTSTRUCT / DICOM-SEG files as in the ``dicom`` layout (case id: the patient folder).
+* ``lnq2023``: also its DICOM release (CT series + DICOM-SEG) with ``structures``, as the ``dicom`` layout.
+* ``dicom``: any folder of DICOM files (any depth, any file names): each RT Structure Set or DICOM-SEG is paired
+  with the CT series it references, and the ROIs / segments whose names match ``structures`` (comma-separated,
+  case-insensitive globs) are united into the LN label, rasterised once on the CT grid into
+  ``<datalist stem>_labels/<case>.nii.gz`` beside the datalist (:mod:`dgst_monai.dicom.labels`). Case ids are
+  PatientIDs (``case_id="patient"``) or the folders under ``DIR`` (``case_id="folder"``).
 * ``nnunet``: nnU-Net raw layout ``imagesTr/<case>_0000<ending>`` + ``labelsTr/<case><ending>`` (and
   ``imagesTs`` / ``labelsTs`` as the test list when labelled), ``dataset.json`` for the file ending and labels.
   Only channel ``_0000`` is used (the model takes one CT channel).
@@ -24,7 +30,9 @@ foreground voxels per case; ``dgst_monai.data.datalists.ct_normalization`` reads
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,15 +56,20 @@ __all__ = [
     "intensity_properties",
 ]
 
-DATASETS: tuple[str, ...] = ("segrap2023", "lnq2023", "radcure", "nnunet")
+DATASETS: tuple[str, ...] = ("segrap2023", "lnq2023", "radcure", "nnunet", "dicom")
 
 #: Layout options per dataset and their defaults (mirrored in ``data_manifests/<dataset>.json`` ``index.defaults``).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "segrap2023": {"case_glob": "segrap_*", "image_file": "image.nii.gz", "label_file": "GTVnd.nii.gz"},
-    "lnq2023": {"image_glob": "**/*-ct.nrrd", "image_suffix": "-ct.nrrd", "label_suffix": "-seg.nrrd"},
-    "radcure": {"mask_dir": None, "mask_pattern": "{case}.nii.gz"},
+    "lnq2023": {
+        "image_glob": "**/*-ct.nrrd", "image_suffix": "-ct.nrrd", "label_suffix": "-seg.nrrd", "structures": None,
+    },
+    "radcure": {"mask_dir": None, "mask_pattern": "{case}.nii.gz", "structures": None},
     "nnunet": {},
+    "dicom": {"structures": None, "case_id": "patient"},
 }
+#: the layouts that read DICOM-RT labels when ``structures`` is given, and how they name cases
+_DICOM_CASE_IDS = {"dicom": None, "radcure": "folder", "lnq2023": "patient"}
 #: Options every dataset accepts.
 COMMON_OPTIONS = {"label_dir": None}
 
@@ -75,12 +88,17 @@ class FoundCase:
 
 @dataclass
 class Discovery:
-    """What :func:`discover` found: usable cases, skipped ones with the reason, label names and notes."""
+    """What :func:`discover` found: usable cases, skipped ones with the reason, label names and notes.
+
+    ``dicom_cases`` holds the DICOM-RT cases (``dicom`` layout, or ``structures`` given): their labels are not
+    files yet; :func:`index_dataset` rasterises them (:meth:`dgst_monai.dicom.labels.DicomCase.write_label`).
+    """
 
     cases: list[FoundCase] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=lambda: dict(_LN_LABELS))
     notes: list[str] = field(default_factory=list)
+    dicom_cases: list[Any] = field(default_factory=list)
 
 
 def discover(folder: str | os.PathLike[str], dataset: str, **options: Any) -> Discovery:
@@ -107,7 +125,10 @@ def discover(folder: str | os.PathLike[str], dataset: str, **options: Any) -> Di
             f"option(s) {', '.join(unknown)} do not apply to {dataset}; its options: {', '.join(sorted(allowed))}"
         )
     opts = {**allowed, **{k: v for k, v in options.items() if v is not None}}
-    found = {"segrap2023": _segrap, "lnq2023": _lnq, "radcure": _radcure, "nnunet": _nnunet}[dataset](root, opts)
+    if dataset == "dicom" or (dataset in _DICOM_CASE_IDS and opts.get("structures")):
+        found = _dicom(root, opts["structures"], _DICOM_CASE_IDS[dataset] or opts["case_id"])
+    else:
+        found = {"segrap2023": _segrap, "lnq2023": _lnq, "radcure": _radcure, "nnunet": _nnunet}[dataset](root, opts)
     if not found.cases:
         reasons = "; ".join(f"{c}: {r}" for c, r in found.skipped[:5])
         raise ValueError(
@@ -209,6 +230,24 @@ def _radcure(root: Path, opts: dict[str, Any]) -> Discovery:
             out.cases.append(FoundCase(patient.name, series, mask))
     if not patients:
         out.skipped.append((str(root), "no patient folders"))
+    return out
+
+
+def _dicom(root: Path, structures: Any, case_id: str) -> Discovery:
+    from dgst_monai.dicom.labels import collect_cases, format_table
+
+    out = Discovery()
+    cases, out.notes = collect_cases(root, structures, case_id=case_id)
+    out.dicom_cases = cases
+    for case in cases:
+        if case.usable:
+            out.cases.append(FoundCase(case.case_id, case.series.folder, Path(f"{case.case_id}.nii.gz")))
+        else:
+            out.skipped.append((case.case_id, "; ".join(case.problems)))
+    if not cases:
+        out.skipped.append((str(root), "no RT Structure Set or DICOM-SEG found"))
+    elif not out.cases:
+        print(format_table(cases), file=sys.stderr)
     return out
 
 
@@ -330,15 +369,45 @@ def index_dataset(
     """
     found = discover(folder, dataset, **options)
     say: Callable[[str], None] | None = (lambda m: print(m, file=sys.stderr)) if verbose else None
+    out = Path(output).expanduser()
+    out_dir = out.resolve().parent
+    label_dir = out_dir / f"{out.stem}_labels"
+    staging = _write_dicom_labels(found, out_dir, out.stem) if found.dicom_cases else None
+    try:
+        datalist = _datalist(found, folder, dataset, out_dir, absolute, samples_per_case, seed, say, options,
+                             moved=(staging, label_dir))
+        if staging is not None:
+            _replace_folder(staging, label_dir)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_write_json(out, datalist)
+    return out, found
+
+
+def _datalist(
+    found: Discovery,
+    folder: str | os.PathLike[str],
+    dataset: str,
+    out_dir: Path,
+    absolute: bool,
+    samples_per_case: int | None,
+    seed: int,
+    say: Callable[[str], None] | None,
+    options: dict[str, Any],
+    moved: tuple[Path | None, Path],
+) -> dict[str, Any]:
     if say is not None:
         for case, reason in found.skipped:
             say(f"skipped {case}: {reason}")
         for note in found.notes:
             say(f"note: {note}")
-    out = Path(output).expanduser()
-    out_dir = out.resolve().parent
+    staging, label_dir = moved
 
     def where(path: Path) -> str:
+        if staging is not None and path.parent == staging:
+            path = label_dir / path.name  # where the label will be once the staging folder is moved into place
         return str(path) if absolute else os.path.relpath(path, out_dir)
 
     lists: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
@@ -361,10 +430,71 @@ def index_dataset(
         "intensity_sampling": {"samples_per_case": samples_per_case, "seed": seed, "cases": len(training),
                                "over": "voxels with label > 0 in the training cases"},
         "skipped": [{"case": c, "reason": r} for c, r in found.skipped],
+        **({"dicom": _dicom_rows(found)} if found.dicom_cases else {}),
         "numTraining": len(lists["training"]),
         "numTest": len(lists["test"]),
         "training": lists["training"],
         "test": lists["test"],
     }
-    atomic_write_json(out, datalist)
-    return out, found
+    return datalist
+
+
+def _write_dicom_labels(found: Discovery, out_dir: Path, stem: str) -> Path:
+    """Rasterise the DICOM-RT cases' labels into a new staging folder beside the datalist; cases whose
+    contours cannot be placed move to ``found.skipped``. Prints the table of every series and label object."""
+    from dgst_monai.dicom.labels import format_table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}_labels.", dir=out_dir))
+    status: dict[str, str] = {}
+    try:
+        by_id = {c.case_id: c for c in found.dicom_cases if c.usable}
+        kept = []
+        for case in found.cases:
+            path = staging / case.label.name
+            problems = by_id[case.case_id].write_label(path)
+            if problems:
+                found.skipped.append((case.case_id, "; ".join(problems)))
+                status[case.case_id] = "skipped: " + "; ".join(problems)
+            else:
+                kept.append(FoundCase(case.case_id, case.image, path, case.split))
+                status[case.case_id] = f"used: label {case.label.name}"
+        found.cases = kept
+        print(format_table(found.dicom_cases, lambda c: status.get(c.case_id) if c.usable else None), file=sys.stderr)
+        if not kept:
+            raise ValueError("no DICOM case left with a usable lymph-node label; see the table above")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _dicom_rows(found: Discovery) -> list[dict[str, Any]]:
+    """The table of DICOM series and label objects, as the datalist records it."""
+    rows = []
+    for case in found.dicom_cases:
+        used = any(c.case_id == case.case_id for c in found.cases) and case.usable
+        reasons = [r for c, r in found.skipped if c == case.case_id]
+        for source in case.sources:
+            rows.append({
+                "case": case.case_id,
+                "series": None if case.series is None else case.series.uid,
+                "series_folder": None if case.series is None else str(case.series.folder),
+                "object": source.obj.kind,
+                "file": str(source.obj.path),
+                "names": list(source.names.values()),
+                "matched": list(source.matched.values()),
+                "status": "used" if used else "skipped: " + "; ".join(reasons),
+            })
+    return rows
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is replaced only once ``new`` is complete."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
