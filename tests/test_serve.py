@@ -1,7 +1,7 @@
 """``dgst-monai serve``: a real MONAI Label server on a free loopback port, talked to over HTTP.
 
 The module starts one server through the command line (``python -m dgst_monai.cli serve``, which replaces itself
-by ``python -m monailabel.main``, so the process's PID is the server's) serving both bundles: ``ln_ct_dynunet``
+by ``python -m dgst_monai.serve.pydicom3``, MONAI Label's ``monailabel.main``, so the process's PID is the server's) serving both bundles: ``ln_ct_dynunet``
 with a tiny foundation model trained here, ``ln_ct_swinunetr`` with tiny random weights, on a few small
 synthetic studies. The tests then segment by study id and by upload, load the server with 10 concurrent
 inferences while ``/info/`` must keep answering, send the bad requests MONAI Label alone answers with a 500,
@@ -382,7 +382,7 @@ def test_cli_takes_several_bundles_as_a_list(server, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads((app / "serve.json").read_text(encoding="utf-8"))["models"] == [DYNUNET, SWINUNETR]
-    assert "-m monailabel.main start_server" in result.stdout and "--host 127.0.0.1" in result.stdout
+    assert "-m dgst_monai.serve.pydicom3 start_server" in result.stdout and "--host 127.0.0.1" in result.stdout
     assert "--uvicorn_app dgst_monai.serve.asgi:app" in result.stdout
     # the same, one --bundle / --checkpoint / --preset per model
     repeated = tmp_path / "app_repeated"

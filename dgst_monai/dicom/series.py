@@ -328,6 +328,14 @@ def scan(folder: str | os.PathLike[str]) -> DicomFolder:
                 found.unreadable.append((path, str(err).split(": ", 1)[-1]))
                 continue
             kind = _kind(ds)
+            if kind == "unknown" and "SOPClassUID" not in ds and "Modality" not in ds:
+                found.unreadable.append((path, "a DICOM file cut short (no SOP class, no modality)"))
+                continue
+            if kind == "CT":
+                damage = _pixel_damage(path, ds)
+                if damage:
+                    found.unreadable.append((path, damage))
+                    continue
             if kind in ("RTSTRUCT", "SEG"):
                 try:
                     full = pydicom.dcmread(path)
@@ -343,6 +351,24 @@ def scan(folder: str | os.PathLike[str]) -> DicomFolder:
         series = _make_series(key, members)
         found.series[series.uid] = series
     return found
+
+
+def _pixel_damage(path: Path, header: Dataset) -> str:
+    """Why a CT slice's pixel data is unusable (cut short, missing), or ``""``. pydicom reads a truncated file
+    without complaint, so the length is checked here."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # noqa: BLE001 - any parse failure is damage
+        return f"damaged ({type(err).__name__}: {err})"
+    if "PixelData" not in ds:
+        return "no pixel data (the file is cut short)"
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1)) * int(
+            header.BitsAllocated
+        ) // 8
+        if len(ds.PixelData) < expected:
+            return f"pixel data cut short ({len(ds.PixelData)} of {expected} bytes)"
+    return ""
 
 
 def _series_key(path: Path, ds: Dataset) -> tuple[Any, ...]:

@@ -12,8 +12,10 @@ server on it:
 * :mod:`~dgst_monai.serve.scans`: the checks that turn a bad scan or label into a clear 422;
 * :mod:`~dgst_monai.serve.asgi`: the web application uvicorn runs: MONAI Label's, with the inference, training
   and label routes validated first and the inference moved off the event loop;
-* :mod:`~dgst_monai.serve.launcher`: lays out the app and starts ``python -m monailabel.main`` with this
-  Python, on the loopback address unless told otherwise.
+* :mod:`~dgst_monai.serve.launcher`: lays out the app and starts MONAI Label's server with this Python
+  (``python -m dgst_monai.serve.pydicom3 start_server ...``), on the loopback address unless told otherwise;
+* :mod:`~dgst_monai.serve.pydicom3`: the one alias MONAI Label 0.8.5 needs under pydicom 3, installed on import of
+  this package, so that serving and the clinical DICOM code share one environment.
 
 Install the server with the ``serve`` extra and ``requirements/serve.txt`` (see ``docs/serving.md``).
 
@@ -23,5 +25,9 @@ Example::
 """
 
 from __future__ import annotations
+
+from dgst_monai.serve.pydicom3 import install as _install_pydicom3_alias
+
+_install_pydicom3_alias()
 
 __all__: list[str] = []

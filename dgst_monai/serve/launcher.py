@@ -1,7 +1,8 @@
 """Start MONAI Label on our bundles: ``dgst-monai serve``.
 
 The ``monailabel`` launcher is a shell script that runs whichever ``python`` comes first on ``PATH``; the server
-is started here as ``<this Python> -m monailabel.main start_server``, on the loopback address unless told
+is started here as ``<this Python> -m dgst_monai.serve.pydicom3 start_server`` (MONAI Label's ``monailabel.main``
+with the alias it needs under pydicom 3), on the loopback address unless told
 otherwise, with :mod:`dgst_monai.serve.asgi` as its web application and the app folder's ``tmp/`` as its
 temporary folder. Our app looks nothing up online (no model zoo, no SAM weights, no DICOM tools).
 
@@ -62,7 +63,7 @@ def pair_up(
 def server_command(app_dir: Path, studies: Path, host: str, port: int) -> list[str]:
     """The command line of the MONAI Label server, run with this Python."""
     return [
-        sys.executable, "-m", "monailabel.main", "start_server",
+        sys.executable, "-m", "dgst_monai.serve.pydicom3", "start_server",
         "--app", str(app_dir), "--studies", str(studies),
         "--host", host, "--port", str(int(port)),
         "--uvicorn_app", "dgst_monai.serve.asgi:app",
