@@ -112,4 +112,4 @@ def output_formats(value: Any, name: str = "output_format") -> tuple[str, ...]:
     try:
         return parse_formats(value)
     except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
+        raise type(err)(f"{name}: {err}") from None

@@ -235,6 +235,7 @@ def _radcure(root: Path, opts: dict[str, Any]) -> Discovery:
 
 def _dicom(root: Path, structures: Any, case_id: str) -> Discovery:
     from dgst_monai.dicom.labels import collect_cases, format_table
+    from dgst_monai.dicom.series import DicomError
 
     out = Discovery()
     cases, out.notes = collect_cases(root, structures, case_id=case_id)
@@ -245,9 +246,11 @@ def _dicom(root: Path, structures: Any, case_id: str) -> Discovery:
         else:
             out.skipped.append((case.case_id, "; ".join(case.problems)))
     if not cases:
-        out.skipped.append((str(root), "no RT Structure Set or DICOM-SEG found"))
-    elif not out.cases:
+        raise DicomError(f"no RT Structure Set or DICOM-SEG under {root}" + "".join(f"; {n}" for n in out.notes[:3]))
+    if not out.cases:
         print(format_table(cases), file=sys.stderr)
+        raise DicomError(f"no usable DICOM case under {root} (see the table above): " + "; ".join(
+            f"{c}: {r}" for c, r in out.skipped[:5]))
     return out
 
 
@@ -443,6 +446,7 @@ def _write_dicom_labels(found: Discovery, out_dir: Path, stem: str) -> Path:
     """Rasterise the DICOM-RT cases' labels into a new staging folder beside the datalist; cases whose
     contours cannot be placed move to ``found.skipped``. Prints the table of every series and label object."""
     from dgst_monai.dicom.labels import format_table
+    from dgst_monai.dicom.series import DicomError
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}_labels.", dir=out_dir))
@@ -462,7 +466,7 @@ def _write_dicom_labels(found: Discovery, out_dir: Path, stem: str) -> Path:
         found.cases = kept
         print(format_table(found.dicom_cases, lambda c: status.get(c.case_id) if c.usable else None), file=sys.stderr)
         if not kept:
-            raise ValueError("no DICOM case left with a usable lymph-node label; see the table above")
+            raise DicomError("no DICOM case left with a usable lymph-node label; see the table above")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

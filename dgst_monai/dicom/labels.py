@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from dgst_monai.dicom.rtstruct import rasterise_rois, roi_names
 from dgst_monai.dicom.seg import rasterise_segments, segment_labels
-from dgst_monai.dicom.series import CTSeries, DicomFolder, LabelObject, scan
+from dgst_monai.dicom.series import CTSeries, DicomError, DicomFolder, LabelObject, scan
 
 __all__ = ["CASE_IDS", "DicomCase", "collect_cases", "format_table", "match_structures", "parse_structures"]
 
@@ -37,12 +37,12 @@ def parse_structures(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"LN*,*node*"`` (or a list) -> the globs, stripped; empty ones dropped.
 
     Raises:
-        ValueError: no pattern given.
+        DicomError: no pattern given.
     """
     items = value.split(",") if isinstance(value, str) else list(value or [])
     patterns = tuple(str(p).strip() for p in items if str(p).strip())
     if not patterns:
-        raise ValueError(
+        raise DicomError(
             "--structures is required for DICOM labels: comma-separated globs on ROI / segment names, "
             "e.g. --structures 'LN*,*node*,GTVn*'"
         )
@@ -155,7 +155,7 @@ def collect_cases(
         None), and notes (damaged files, unlabelled series).
     """
     if case_id not in CASE_IDS:
-        raise ValueError(f"case_id must be one of {', '.join(CASE_IDS)}, got {case_id!r}")
+        raise DicomError(f"case_id must be one of {', '.join(CASE_IDS)}, got {case_id!r}")
     patterns = parse_structures(structures)
     base = Path(root).expanduser().resolve()
     found = scan(base)
@@ -167,7 +167,8 @@ def collect_cases(
         source = LabelSource(obj, names, match_structures(names, patterns))
         series, why = _pair(obj, found)
         if series is None:
-            orphans.append(DicomCase(_safe_id(obj.path.stem), None, [source], [f"{obj.path}: {why}"]))
+            patient = str(obj.dataset.get("PatientID", "") or "").strip() or obj.path.stem
+            orphans.append(DicomCase(_safe_id(patient), None, [source], [f"{obj.path}: {why}"]))
             continue
         if series.uid not in cases:
             cases[series.uid] = DicomCase(_case_name(series, base, case_id), series)

@@ -34,6 +34,7 @@ __all__ = [
     "SEG_STORAGE",
     "LABELMAP_SEG_STORAGE",
     "CTSeries",
+    "DicomError",
     "DicomFolder",
     "Grid",
     "LabelObject",
@@ -52,6 +53,11 @@ LABELMAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 SPACING_TOLERANCE = 1e-2
 #: slice positions off the slice normal by more than this (mm per mm along it) make a series gantry-tilted
 TILT_TOLERANCE = 1e-3
+
+
+class DicomError(ValueError):
+    """DICOM input that cannot be used as asked (no CT series, a mask off the series' grid, no matching
+    structure, ...); the message names the file or folder and the problem."""
 
 
 def uid_of(ds: Dataset, keyword: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from dgst_monai.dicom.series import CTSeries, Grid, scan
+from dgst_monai.dicom.series import CTSeries, DicomError, Grid, scan
 
 __all__ = ["DICOM_FORMATS", "DicomOutput", "load_series", "mask_on_grid", "mask_to_dicom", "parse_formats", "save_dicom"]
 
@@ -33,13 +33,13 @@ def parse_formats(value: str | Sequence[str], allowed: Sequence[str] = ("nifti",
     """``"nifti,dicom-seg"`` or ``["rtstruct"]`` -> a tuple of known format names, in the order given.
 
     Raises:
-        ValueError: an unknown or repeated name, or none.
+        DicomError: an unknown or repeated name, or none.
     """
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     formats = tuple(i.strip().lower() for i in items if i.strip())
     unknown = [f for f in formats if f not in allowed]
     if unknown or not formats or len(set(formats)) != len(formats):
-        raise ValueError(f"output format(s) must be a comma-separated list of {', '.join(allowed)}, got {value!r}")
+        raise DicomError(f"output format(s) must be a comma-separated list of {', '.join(allowed)}, got {value!r}")
     return formats
 
 
@@ -48,7 +48,7 @@ def load_series(folder: str | os.PathLike[str]) -> CTSeries:
 
     Raises:
         FileNotFoundError: ``folder`` does not exist.
-        ValueError: no DICOM CT series there (naming what was found), several, or one that is not a regular
+        DicomError: no DICOM CT series there (naming what was found), several, or one that is not a regular
             volume (tilted, irregular spacing).
     """
     found = scan(folder)
@@ -57,13 +57,13 @@ def load_series(folder: str | os.PathLike[str]) -> CTSeries:
         extra = f"; found {what}" if what else ""
         extra += f"; {found.not_dicom} non-DICOM file(s)" if found.not_dicom else ""
         damaged = f"; unreadable: {found.unreadable[0][0]} ({found.unreadable[0][1]})" if found.unreadable else ""
-        raise ValueError(f"{folder} is not a DICOM CT series: no CT image found{extra}{damaged}")
+        raise DicomError(f"{folder} is not a DICOM CT series: no CT image found{extra}{damaged}")
     if len(found.series) > 1:
         names = "; ".join(s.description for s in found.series.values())
-        raise ValueError(f"{folder} holds {len(found.series)} CT series ({names}); point --series at one of them")
+        raise DicomError(f"{folder} holds {len(found.series)} CT series ({names}); point --series at one of them")
     series = next(iter(found.series.values()))
     if series.problems:
-        raise ValueError(f"{series.description}: {'; '.join(series.problems)}")
+        raise DicomError(f"{series.description}: {'; '.join(series.problems)}")
     return series
 
 
@@ -78,10 +78,10 @@ def mask_on_grid(image: sitk.Image, grid: Grid, name: str) -> np.ndarray:
     """The voxels of ``image`` as a boolean (slices, rows, columns) array on ``grid``, without resampling.
 
     Raises:
-        ValueError: ``image`` is not 3-D, or its voxels are not the grid's (naming ``name`` and both geometries).
+        DicomError: ``image`` is not 3-D, or its voxels are not the grid's (naming ``name`` and both geometries).
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{name}: a mask must be a 3-D scalar volume, got {image.GetDimension()}-D")
+        raise DicomError(f"{name}: a mask must be a 3-D scalar volume, got {image.GetDimension()}-D")
     # voxel index of the mask -> voxel index of the series: a signed axis permutation plus a whole shift
     m = np.linalg.inv(grid.matrix) @ _sitk_matrix(image)
     rot = np.round(m[:3, :3])
@@ -95,7 +95,7 @@ def mask_on_grid(image: sitk.Image, grid: Grid, name: str) -> np.ndarray:
         and np.abs(m[:3, 3] - shift).max() < 1e-2
         and np.array_equal(mapped_size, np.asarray(grid.shape))
     ):
-        raise ValueError(
+        raise DicomError(
             f"{name} is not on the series' voxel grid: the mask has size {tuple(int(s) for s in size)}, spacing "
             f"{tuple(round(s, 4) for s in image.GetSpacing())}, origin {tuple(round(o, 3) for o in image.GetOrigin())}; "
             f"the series has size {grid.shape}, spacing {tuple(round(s, 4) for s in grid.spacing)}, origin "
@@ -106,7 +106,7 @@ def mask_on_grid(image: sitk.Image, grid: Grid, name: str) -> np.ndarray:
     idx = np.indices(array.shape).reshape(3, -1)
     target = (rot @ idx + shift[:, None]).astype(np.int64)
     if (target.min(axis=1) < 0).any() or (target.max(axis=1) >= np.asarray(grid.shape)).any():
-        raise ValueError(f"{name} is shifted against the series' voxel grid (origin {image.GetOrigin()})")
+        raise DicomError(f"{name} is shifted against the series' voxel grid (origin {image.GetOrigin()})")
     out[tuple(target)] = array.reshape(-1)
     return out.transpose(2, 1, 0)
 
@@ -162,7 +162,7 @@ def mask_to_dicom(
         The files written by format, and notes (empty mask, UIDs the source lacked).
 
     Raises:
-        ValueError: an unknown format, a folder without exactly one regular CT series, or a mask off its grid.
+        DicomError: an unknown format, a folder without exactly one regular CT series, or a mask off its grid.
     """
     import dgst_monai
     from dgst_monai.data.cases import case_id_from_path
