@@ -49,9 +49,12 @@ def find_inputs(
 
     Raises:
         FileNotFoundError: a path does not exist, or is a folder without any file.
-        ValueError: no path given, an unknown format, or a DICOM format for an input that is not a DICOM series.
+        ValueError: no path given.
+        DicomError: an unknown format, a DICOM format for an input that is not a DICOM series, or a series that
+            is not one regular volume.
     """
     from dgst_monai.config_values import output_formats
+    from dgst_monai.dicom.series import DicomError
     from dgst_monai.dicom.writers import DICOM_FORMATS
 
     dicom = [f for f in output_formats(formats) if f in DICOM_FORMATS]
@@ -79,7 +82,7 @@ def find_inputs(
         raise ValueError("no input scan given")
     not_series = [f for f in found if not os.path.isdir(f)]
     if dicom and not_series:
-        raise ValueError(
+        raise DicomError(
             f"output format {', '.join(dicom)} needs DICOM series folders as input: {not_series[0]} is a volume "
             "file (DICOM-SEG and RTSTRUCT reference the source series' images); ask for nifti for it"
         )
