@@ -125,6 +125,9 @@ def _pair(obj: LabelObject, found: DicomFolder) -> tuple[CTSeries | None, str]:
     by_image = [s for s in series if instances & set(s.sop_instance_uids)]
     if len(by_image) == 1:
         return by_image[0], ""
+    if len(by_image) > 1:
+        names = ", ".join(s.description for s in by_image)
+        return None, f"the images it references are in {len(by_image)} CT series (copies of one series?): {names}"
     frames = obj.frame_of_reference_uids
     by_frame = [s for s in series if s.frame_of_reference_uid in frames]
     if len(by_frame) == 1:

@@ -13,6 +13,7 @@ algorithm type AUTOMATIC with our name and version, referencing every source sli
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,7 +75,7 @@ def rasterise_segments(obj: LabelObject, numbers: Sequence[int], grid: Grid) -> 
         orientation = _group_item(frame, shared, "PlaneOrientationSequence")
         measures = _group_item(frame, shared, "PixelMeasuresSequence")
         if position is None or orientation is None or measures is None:
-            problems.append(f"frame {f + 1} has no plane position, orientation or pixel spacing")
+            problems.append(f"frame {f + 1}: no plane position, orientation or pixel spacing")
             continue
         cosines = np.asarray(orientation.ImageOrientationPatient, dtype=np.float64)
         spacing = np.asarray(measures.PixelSpacing, dtype=np.float64)[::-1]  # (column spacing, row spacing)
@@ -91,7 +92,7 @@ def rasterise_segments(obj: LabelObject, numbers: Sequence[int], grid: Grid) -> 
         c0, r0, k = grid.to_index(np.asarray(position.ImagePositionPatient, dtype=np.float64)[None])[0]
         ci, ri, ki = round(c0), round(r0), round(k)
         if max(abs(c0 - ci), abs(r0 - ri), abs(k - ki)) > GRID_TOLERANCE:
-            problems.append(f"frame {f + 1} is not on the CT's voxel grid (voxel index {c0:.2f}, {r0:.2f}, {k:.2f})")
+            problems.append(f"frame {f + 1}: not on the CT's voxel grid (voxel index {c0:.2f}, {r0:.2f}, {k:.2f})")
             continue
         values = pixels[f]
         if kind == "FRACTIONAL":
@@ -105,7 +106,7 @@ def rasterise_segments(obj: LabelObject, numbers: Sequence[int], grid: Grid) -> 
         fr, fc = on.shape
         if not (0 <= ki < slices and ri >= 0 and ci >= 0 and ri + fr <= rows and ci + fc <= cols):
             if not (0 <= ki < slices):
-                problems.append(f"frame {f + 1} lies outside the CT (slice {ki} of {slices})")
+                problems.append(f"frame {f + 1}: outside the CT (slice {ki} of {slices})")
                 continue
             # a frame larger than the CT is fine where its segment stays inside
             rr, cc = np.nonzero(on)
@@ -116,7 +117,18 @@ def rasterise_segments(obj: LabelObject, numbers: Sequence[int], grid: Grid) -> 
             mask[ki, rr, cc] = True
             continue
         mask[ki, ri : ri + fr, ci : ci + fc] |= on
-    return mask.astype(np.uint8), problems
+    return mask.astype(np.uint8), _summarised(problems)
+
+
+def _summarised(problems: list[str]) -> list[str]:
+    """One line per kind of frame problem: "12 frames are not on ... (first: frame 3 ...)"."""
+    kinds: dict[str, list[str]] = {}
+    for problem in problems:
+        kinds.setdefault(re.sub(r"[-\d.]+", "#", problem.split(": ", 1)[-1]), []).append(problem)
+    out = []
+    for group in kinds.values():
+        out.append(group[0] if len(group) == 1 else f"{len(group)} frames with problems like this one: {group[0]}")
+    return out
 
 
 def segmentation(

@@ -355,6 +355,11 @@ def scan(folder: str | os.PathLike[str]) -> DicomFolder:
                 found.other[kind] = found.other.get(kind, 0) + 1
     for key, members in slices.items():
         series = _make_series(key, members)
+        twin = found.series.get(series.uid)
+        if twin is not None:  # a copy of an anonymised series elsewhere: same instances, so the same derived UID
+            for one, other in ((twin, series), (series, twin)):
+                one.problems.append(f"the same instances are also in {other.folder} (a copy of this series)")
+            series.uid = derived_uid("SeriesInstanceUID", [str(series.folder), *series.sop_instance_uids])
         found.series[series.uid] = series
     return found
 
