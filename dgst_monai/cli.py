@@ -185,6 +185,8 @@ class Commands:
         port: int = 8000,
         app_dir: str | None = None,
         dry_run: bool = False,
+        structures: Any = None,
+        store_format: str = "dicom-seg",
     ) -> None:
         """Serve bundles with MONAI Label (3D Slicer, OHIF) on ``--studies``: ``/infer/<bundle>`` segments a
         study or an upload, ``/train/<bundle>`` with ``{"method": "dgst", "shots": N}`` fine-tunes the
@@ -194,7 +196,12 @@ class Commands:
         list (``--bundle "[a, b]"``); default ``ln_ct_dynunet``. ``--checkpoint`` gives the foundation weights of each bundle in the same order (one
         path, or a list), ``--preset`` the network they were trained with (one for all, or a list). Listens on
         the loopback address unless ``--host`` says otherwise; the app folder (default ``<studies>_monailabel``)
-        keeps the fine-tunes. ``--dry_run`` lays out the app and prints the server's command line."""
+        keeps the fine-tunes. ``--dry_run`` lays out the app and prints the server's command line.
+
+        ``--studies http://host:port/dicom-web`` serves a DICOMweb PACS (Orthanc, ...): each inference of a PACS
+        series is stored back into it as a DICOM-SEG (``--store_format rtstruct``: an RTSTRUCT), and the PACS's
+        RTSTRUCT / SEG contours whose ROI / segment names match ``--structures 'LN*,*node*'`` are the labels a
+        fine-tune trains on, with those submitted through the label API."""
         from dgst_monai.resources import find_bundle
         from dgst_monai.serve.launcher import serve
 
@@ -215,6 +222,8 @@ class Commands:
             port=int(port),
             app_dir=None if app_dir is None else str(app_dir),
             dry_run=dry_run,
+            structures=None if structures is None else ",".join(structures) if isinstance(structures, (list, tuple)) else str(structures),
+            store_format=str(store_format),
         )
 
 

@@ -117,12 +117,22 @@ def infer(
     session_id: str = "",
     params: str = Form("{}"),
     file: UploadFile | None = File(None),
-    output: infer_endpoints.ResultType | None = None,
+    output: str | None = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ) -> Any:
-    """Segment a study (``?image=<id>``) or an uploaded volume (``file``) with ``model``."""
+    """Segment a study (``?image=<id>``) or an uploaded volume (``file``) with ``model``.
+
+    On a PACS the mask of a study is stored back as DICOM-SEG, or as RTSTRUCT with ``output=rtstruct``
+    (``output=dicom_seg`` / ``rtstruct`` answer with the JSON result, which names the stored series).
+    """
     _model(model)
     _check_params(params)
+    stored_as = {"rtstruct": "rtstruct", "dicom_seg": "dicom-seg", "dicom-seg": "dicom-seg"}.get(output or "")
+    if output and stored_as is None and output not in {t.value for t in infer_endpoints.ResultType}:
+        raise HTTPException(status_code=422, detail=f"output must be image, json, all, dicom_seg or rtstruct, got {output!r}")
+    if stored_as is not None:
+        params = json.dumps({**json.loads(params or "{}"), "store_format": stored_as})
+        output = infer_endpoints.ResultType.json.value
     if file is not None:
         with tempfile.TemporaryDirectory(prefix="upload-") as folder:
             path = _receive(file, folder, "upload")

@@ -60,7 +60,7 @@ def pair_up(
     return [ServedBundle.from_paths(b, c, p) for b, c, p in zip(bundles, checkpoints, presets)]
 
 
-def server_command(app_dir: Path, studies: Path, host: str, port: int) -> list[str]:
+def server_command(app_dir: Path, studies: Path | str, host: str, port: int) -> list[str]:
     """The command line of the MONAI Label server, run with this Python."""
     return [
         sys.executable, "-m", "dgst_monai.serve.pydicom3", "start_server",
@@ -80,13 +80,17 @@ def serve(
     app_dir: str | os.PathLike[str] | None = None,
     replace_process: bool = True,
     dry_run: bool = False,
+    structures: str | None = None,
+    store_format: str = "dicom-seg",
 ) -> int:
     """Lay out the app folder and run the MONAI Label server on it until it stops.
 
     Args:
         bundles: bundle folders; each is served as ``/infer/<folder name>`` and ``/train/<folder name>``.
-        studies: the studies folder (NIfTI / NRRD volumes; created if missing). Submitted labels go to
-            ``<studies>/labels/final/``.
+        studies: the studies folder (NIfTI / NRRD volumes; created if missing; submitted labels go to
+            ``<studies>/labels/final/``), or a DICOMweb PACS, ``http://host:port/dicom-web``
+            (:class:`dgst_monai.serve.pacs.PacsDatastore`; the app folder then defaults to ``pacs_monailabel``
+            in the working directory).
         checkpoints: foundation weights per bundle (default ``<bundle>/models/model.pt``), each with its
             ``normalization.json``.
         presets: the network preset the weights were trained with, per bundle or one for all (default the
@@ -97,6 +101,9 @@ def serve(
         replace_process: replace this process by the server (its PID is then the server's) rather than wait
             for a child process.
         dry_run: lay out the app and print the server's command line, but do not start it.
+        structures: PACS only: globs on RTSTRUCT ROI / SEG segment names that make the PACS's prior contours
+            training labels (e.g. ``'LN*,*node*'``).
+        store_format: PACS only: each inference is stored back as ``dicom-seg`` (default) or ``rtstruct``.
 
     Returns:
         The server's exit status (only when ``replace_process`` is False or unavailable).
@@ -107,10 +114,24 @@ def serve(
     if importlib.util.find_spec("monailabel") is None:
         raise ModuleNotFoundError(f"MONAI Label is not installed; install the server with: {INSTALL_HINT}")
     served = pair_up(bundles, checkpoints, presets)  # before anything is written
-    studies_dir = Path(studies).expanduser().resolve()
-    studies_dir.mkdir(parents=True, exist_ok=True)
-    app = lay_out_app(app_dir or default_app_dir(studies_dir), served)
-    command = server_command(app, studies_dir, host, port)
+    pacs = str(studies).startswith(("http://", "https://"))
+    if pacs:
+        from dgst_monai.dicom.labels import parse_structures
+        from dgst_monai.dicom.writers import DICOM_FORMATS
+
+        if store_format not in DICOM_FORMATS:
+            raise ValueError(f"--store_format must be one of {', '.join(DICOM_FORMATS)}, got {store_format!r}")
+        settings = {"structures": list(parse_structures(structures)) if structures else [], "store_format": store_format}
+        source: str | Path = str(studies).rstrip("/")
+        app = lay_out_app(app_dir or Path.cwd() / "pacs_monailabel", served, pacs=settings)
+    else:
+        if structures is not None:
+            raise ValueError("--structures applies to a PACS (--studies http://host:port/dicom-web); a studies "
+                             "folder takes labels through the label API")
+        source = Path(studies).expanduser().resolve()
+        source.mkdir(parents=True, exist_ok=True)
+        app = lay_out_app(app_dir or default_app_dir(source), served)
+    command = server_command(app, source, host, port)
     # everything the server writes stays in the app folder: temporary files, MONAI Label's upload sessions
     env = {
         **os.environ,
@@ -121,7 +142,10 @@ def serve(
     if dry_run:
         print(shlex.join(command))
         return 0
-    print(f"dgst-monai serve: http://{host}:{port}/  app {app}  studies {studies_dir}", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"dgst-monai serve: listening on {host}, reachable from other machines; MONAI Label has no "
+              "authentication unless you configure it", flush=True)
+    print(f"dgst-monai serve: http://{host}:{port}/  app {app}  studies {source}", flush=True)
     if replace_process and os.name == "posix":
         os.execve(sys.executable, command, env)
     return subprocess.call(command, env=env)

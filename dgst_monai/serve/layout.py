@@ -38,7 +38,7 @@ from typing import Any
 from dgst_monai.files import atomic_open, atomic_write, atomic_write_json, read_json
 from dgst_monai.normalization import NORMALIZATION_FILE
 
-__all__ = ["APP_FILE", "ModelFolder", "ServedBundle", "app_models", "lay_out_app"]
+__all__ = ["APP_FILE", "ModelFolder", "ServedBundle", "app_models", "app_settings", "lay_out_app"]
 
 #: The app's ``main.py``: MONAI Label imports it and takes the class whose direct base is ``MONAILabelApp``.
 APP_MAIN = "from dgst_monai.serve.app import LymphNodeApp  # noqa: F401 - MONAI Label looks for the app class here\n"
@@ -220,7 +220,9 @@ def _lay_out_model(served: ServedBundle, folder: ModelFolder) -> None:
     )
 
 
-def lay_out_app(app_dir: str | os.PathLike[str], bundles: Sequence[ServedBundle]) -> Path:
+def lay_out_app(
+    app_dir: str | os.PathLike[str], bundles: Sequence[ServedBundle], pacs: dict[str, Any] | None = None
+) -> Path:
     """Write (or refresh) the MONAI Label app folder serving ``bundles``.
 
     Fine-tunes and the serving choice of a model survive a restart with the same foundation weights; the
@@ -229,6 +231,8 @@ def lay_out_app(app_dir: str | os.PathLike[str], bundles: Sequence[ServedBundle]
     Args:
         app_dir: the app folder (created if missing).
         bundles: the bundles to serve; their folder names must differ.
+        pacs: for a DICOMweb PACS as the studies: ``structures`` (globs that make prior contours labels) and
+            ``store_format`` (``dicom-seg`` or ``rtstruct``), kept in ``serve.json``.
 
     Returns:
         The app folder, absolute.
@@ -248,11 +252,16 @@ def lay_out_app(app_dir: str | os.PathLike[str], bundles: Sequence[ServedBundle]
     (app / "tmp").mkdir()
     for served in bundles:
         _lay_out_model(served, ModelFolder(app / "model" / served.name))
-    atomic_write_json(app / APP_FILE, {"models": names})
+    atomic_write_json(app / APP_FILE, {"models": names, **({"pacs": pacs} if pacs is not None else {})})
     return app
+
+
+def app_settings(app_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The app folder's ``serve.json``: ``models`` and, when serving a PACS, ``pacs``."""
+    return read_json(Path(app_dir) / APP_FILE, "served app")
 
 
 def app_models(app_dir: str | os.PathLike[str]) -> list[ModelFolder]:
     """The served models of an app folder written by :func:`lay_out_app`, in order."""
     app = Path(app_dir)
-    return [ModelFolder(app / "model" / name) for name in read_json(app / APP_FILE, "served app")["models"]]
+    return [ModelFolder(app / "model" / name) for name in app_settings(app)["models"]]

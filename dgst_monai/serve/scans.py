@@ -89,6 +89,17 @@ def check_scan(path: str | os.PathLike[str], name: str | None = None) -> Geometr
             f"{shown}: expected a 3-D scalar CT volume, got size {list(geometry.size)} with "
             f"{geometry.components} value(s) per voxel"
         )
+    if p.is_dir():  # a DICOM series (a PACS study): every instance complete, one regular volume
+        from dgst_monai.dicom.series import scan
+
+        found = scan(p)
+        if found.unreadable:
+            damaged = "; ".join(f"instance {path.stem}: {why}" for path, why in found.unreadable)
+            raise ScanError(f"{shown}: damaged DICOM data: {damaged}")
+        problems = [f"{s.description}: {'; '.join(s.problems)}" for s in found.series.values() if s.problems]
+        if problems:
+            raise ScanError(f"{shown}: {'; '.join(problems)}")
+        return geometry
     try:
         check_image_file(p)
     except (OSError, RuntimeError) as err:  # DamagedFileError is a RuntimeError

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
@@ -85,6 +86,11 @@ class _Predictor:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.evaluator = parser.get_parsed_content("evaluator")
         self.postfix = str(parser.get_parsed_content("output_postfix"))
+        # the same workflow stopped before the argmax, for the softmax itself (active learning)
+        steps = parser["postprocessing"]["transforms"]
+        parser["postprocessing"]["transforms"] = steps[: next(i for i, t in enumerate(steps) if "AsDiscrete" in t["_target_"])]
+        self._softmax_evaluator = parser.get_parsed_content("evaluator", lazy=False)
+        self._softmax_preprocessing = parser.get_parsed_content("preprocessing")  # the one its Invertd inverts
 
     def __call__(self, image: str) -> Path:
         """Segment one scan; the bundle's mask file, in this predictor's output folder."""
@@ -101,6 +107,17 @@ class _Predictor:
         if not written.is_file():
             raise RuntimeError(f"the bundle's inference did not write {written}")
         return written
+
+    def probabilities(self, image: str) -> np.ndarray:
+        """The foreground probability of one scan on its own grid, (x, y, z) float32."""
+        from monai.data import DataLoader, Dataset
+
+        data = Dataset([{"image": image}], transform=self._softmax_preprocessing)
+        loader = DataLoader(data, batch_size=1, num_workers=0)
+        self._softmax_evaluator.data_loader = loader
+        self._softmax_evaluator.state.epoch_length = len(loader)
+        self._softmax_evaluator.run()
+        return np.asarray(self._softmax_evaluator.state.output[0]["pred"][1].detach().cpu(), dtype=np.float32)
 
     def close(self) -> None:
         shutil.rmtree(self.output_dir, ignore_errors=True)
@@ -141,6 +158,11 @@ class LymphNodeSegmentation(InferTask):
             logger.info(f"{self.folder.name}: loading {checkpoint}")
             self._predictor = _Predictor(self.folder, checkpoint)
         return self._predictor
+
+    def probabilities(self, image: str) -> np.ndarray:
+        """The served weights' foreground probability for a scan (active learning), one scan at a time."""
+        with _COMPUTE:
+            return self._predictor_for(self.folder.served()).probabilities(image)
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Segment ``request["image"]`` (a file path); return a uint8 mask file in the scan's geometry and the
@@ -254,8 +276,12 @@ class FinetuneTask(TrainTask):
     def __call__(self, request: Mapping[str, Any], datastore: Datastore) -> dict[str, Any]:
         from monai.bundle import ConfigWorkflow
 
+        # a PACS datastore also names each case's study, label source (RTSTRUCT / SEG series or "submitted") and
+        # the structures used: the training record keeps them
+        provenance = ("study", "source", "structures")
         cases = [
-            {"case_id": strip_volume_suffix(Path(e["image"]).name), "image": e["image"], "label": e["label"]}
+            {"case_id": strip_volume_suffix(Path(e["image"]).name), "image": e["image"], "label": e["label"],
+             **{key: e[key] for key in provenance if key in e}}
             for e in datastore.datalist()
         ]
         overrides = finetune_overrides(self.folder, request, len(cases))
@@ -288,6 +314,7 @@ class FinetuneTask(TrainTask):
         return {
             "checkpoint": published.relative_to(self.folder.root).as_posix(),
             "cases": [case["case_id"] for case in cases],
+            "labels": [{key: case[key] for key in ("case_id", *provenance) if key in case} for case in cases],
             "seconds": round(time.perf_counter() - start, 1),
             **overrides,
         }
