@@ -34,6 +34,7 @@ from pydicom.sr.codedict import codes
 from test_serve import _stop, _train_foundation, _wait_ready
 
 from dgst_monai.data import write_synthetic_dataset
+from dgst_monai.data.readers import read_image
 from dgst_monai.dicom.rtstruct import _contours
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -216,7 +217,8 @@ def test_active_learning_returns_an_unlabelled_study(clinic):
     assert entropy.status_code == 200, entropy.text
     chosen = entropy.json()
     scores = chosen["scores"]
-    assert chosen["id"] in unlabelled and set(scores) >= unlabelled
+    assert chosen["id"] in unlabelled and set(scores) == unlabelled
+    assert set(chosen["unreadable"]) == _damaged(clinic)  # named, not scored
     assert scores[chosen["id"]] == max(scores.values())
     start = time.perf_counter()
     again = requests.post(f"{clinic.base}/activelearning/entropy", json={}, timeout=300).json()
@@ -246,3 +248,20 @@ def test_ten_concurrent_inferences_are_answered_while_info_answers(clinic, recor
     print(f"\nPACS: 10 concurrent inferences answered; /info/ meanwhile: median {np.median(info_times):.3f} s, "
           f"max {max(info_times):.3f} s")
     assert max(info_times) < 10.0  # answered meanwhile (the figure itself is measured, above)
+
+
+def test_a_label_submitted_through_the_label_api_counts(clinic, tmp_path):
+    """A NIfTI label (as 3D Slicer sends it) for a PACS series becomes a label of that series."""
+    plain = clinic.studies["plain"]
+    series_dir = clinic.app / "pacs" / "dicom" / "series" / plain.uids["series"]
+    label = sitk.GetImageFromArray(plain.mask.astype(np.uint8))
+    label.CopyInformation(read_image(series_dir))
+    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+    with open(tmp_path / "label.nii.gz", "rb") as fh:
+        response = requests.put(f"{clinic.base}/datastore/label", params={"image": plain.uids["series"]},
+                                files={"label": ("label.nii.gz", fh)}, timeout=120)
+    assert response.status_code == 200, response.text
+    listing = requests.get(f"{clinic.base}/datastore/", params={"output": "all"}, timeout=120).json()["objects"]
+    assert listing[plain.uids["series"]]["labels"]["final"]["info"]["source"] == "submitted"
+    assert listing[clinic.studies["contoured"].uids["series"]]["labels"]["final"]["info"]["structures"] == ["LN_level_II"]
+    assert listing[clinic.studies["decoys_only"].uids["series"]]["labels"] == {}

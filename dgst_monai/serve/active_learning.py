@@ -69,8 +69,19 @@ class NodeEntropy(Strategy):
         images = datastore.get_unlabeled_images()
         if not images:
             return None
+        from dgst_monai.serve.scans import ScanError, check_study
+
         model = str(request.get("model") or self.default_model)
-        scores = {image: self.score(model, image, datastore) for image in images}
+        scores, unreadable = {}, {}
+        for image in images:
+            try:
+                check_study(datastore.get_image_uri(image))  # a damaged study is named, never scored as zeros
+            except ScanError as err:
+                unreadable[image] = str(err)
+                continue
+            scores[image] = self.score(model, image, datastore)
+        if not scores:
+            return None
         best = max(sorted(scores), key=lambda image: scores[image])
-        logger.info(f"entropy: {scores}; next {best}")
-        return {"id": best, "score": scores[best], "scores": scores, "model": model}
+        logger.info(f"entropy: {scores}; next {best}; unreadable {unreadable}")
+        return {"id": best, "score": scores[best], "scores": scores, "unreadable": unreadable, "model": model}

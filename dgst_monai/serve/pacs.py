@@ -325,7 +325,18 @@ class PacsDatastore(Datastore):
                 "label_tags": [DefaultLabelTag.FINAL.value], "source": self.url, "structures": list(self.structures)}
 
     def json(self) -> dict[str, Any]:
-        return {"objects": {uid: {"image": {"info": {"source": self.url}}} for uid in self.list_images()}}
+        """``GET /datastore/?output=all``: every CT series, and for the labelled ones where the label comes from."""
+        labelled = {Path(e["image"]).name: e for e in self.datalist()}
+        objects = {}
+        for uid in self.list_images():
+            entry: dict[str, Any] = {"image": {"info": {"source": self.url}}, "labels": {}}
+            if uid in labelled:
+                e = labelled[uid]
+                entry["labels"][DefaultLabelTag.FINAL.value] = {
+                    "info": {"study": e["study"], "source": e["source"], "structures": e["structures"]}
+                }
+            objects[uid] = entry
+        return {"name": self._name, "description": self._description, "objects": objects}
 
 
 def _referenced_series(ds: pydicom.Dataset) -> set[str]:
