@@ -12,6 +12,7 @@ contour. Measured latencies are printed (``pytest -s``) and attached to the repo
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import sys
 import time
@@ -203,6 +204,8 @@ def test_prior_contours_are_the_shots_and_the_next_inference_uses_the_fine_tune(
                        weights_only=True)
     foundation = torch.load(clinic.foundation, weights_only=True)
     assert any(not torch.equal(tuned[k], foundation[k]) for k in foundation)
+    served_foundation = torch.load(clinic.app / "model" / MODEL / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(served_foundation[k], foundation[k]) for k in foundation)  # a copy was tuned
     record_property("pacs_finetune_s", round(finetune_s, 1))
     print(f"\nPACS: DGST fine-tune on the prior contours {finetune_s:.1f} s")
 
@@ -265,3 +268,17 @@ def test_a_label_submitted_through_the_label_api_counts(clinic, tmp_path):
     assert listing[plain.uids["series"]]["labels"]["final"]["info"]["source"] == "submitted"
     assert listing[clinic.studies["contoured"].uids["series"]]["labels"]["final"]["info"]["structures"] == ["LN_level_II"]
     assert listing[clinic.studies["decoys_only"].uids["series"]]["labels"] == {}
+
+
+def test_listening_beyond_loopback_is_said_and_structures_need_a_pacs(clinic, tmp_path):
+    base = [sys.executable, "-m", "dgst_monai.cli", "serve", "--bundle", str(BUNDLES / MODEL), "--dry_run",
+            "--checkpoint", str(clinic.foundation), "--preset", "tiny", "--app_dir", str(tmp_path / "app")]
+    result = subprocess.run([*base, "--studies", "http://127.0.0.1:1/dicom-web", "--structures", "LN*",
+                             "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "listening on 0.0.0.0, reachable from other machines" in result.stdout
+    assert json.loads((tmp_path / "app" / "serve.json").read_text())["pacs"] == {
+        "structures": ["LN*"], "store_format": "dicom-seg"}
+    result = subprocess.run([*base, "--studies", str(tmp_path / "folder"), "--structures", "LN*"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--structures applies to a PACS" in result.stderr

@@ -139,12 +139,12 @@ def serve(
         "MONAI_LABEL_SESSION_PATH": str(app / "sessions"),
         "PYTHONUNBUFFERED": "1",
     }
-    if dry_run:
-        print(shlex.join(command))
-        return 0
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dgst-monai serve: listening on {host}, reachable from other machines; MONAI Label has no "
               "authentication unless you configure it", flush=True)
+    if dry_run:
+        print(shlex.join(command))
+        return 0
     print(f"dgst-monai serve: http://{host}:{port}/  app {app}  studies {source}", flush=True)
     if replace_process and os.name == "posix":
         os.execve(sys.executable, command, env)
