@@ -71,7 +71,7 @@ class Commands:
         self.delta = Delta()
         self.benchmark = Benchmark()
 
-    def demo(self, *, output: str | None = None, preset: str = "default", shots: int = 5, seed: int = 0) -> None:
+    def demo(self, *, output: str | None = None, preset: str = "default", shots: int | None = None, seed: int = 0) -> None:
         """Synthesise CT, pre-train a small foundation model, fine-tune it (full vs DGST) on ``shots`` target
         cases, evaluate both on held-out target cases and print DSC / NSD. About 10 minutes on a 2-core CPU
         (``--preset tiny``: about a minute). Everything is written under ``--output`` (default

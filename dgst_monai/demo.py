@@ -17,12 +17,17 @@ from dgst_monai.data.datalists import synthetic_datalist
 from dgst_monai.resources import bundle_dir
 
 
+class DemoSettingsError(ValueError):
+    """Demo settings that do not fit each other (the message names both)."""
+
+
 @dataclass(frozen=True)
 class DemoPreset:
     """Sizes of one demo run. ``default`` fits in 10 minutes on a 2-core CPU; ``tiny`` is the smoke test."""
 
     source_cases: int
     target_cases: int
+    shots: int
     pretrain_epochs: int
     finetune_epochs: int
     iterations_per_epoch: int
@@ -42,6 +47,7 @@ PRESETS: dict[str, DemoPreset] = {
     "default": DemoPreset(
         source_cases=16,
         target_cases=12,
+        shots=5,
         pretrain_epochs=24,
         finetune_epochs=4,
         iterations_per_epoch=25,
@@ -51,6 +57,7 @@ PRESETS: dict[str, DemoPreset] = {
     "tiny": DemoPreset(
         source_cases=4,
         target_cases=4,
+        shots=2,
         pretrain_epochs=1,
         finetune_epochs=1,
         iterations_per_epoch=3,
@@ -75,7 +82,7 @@ def run_bundle(bundle: Path, configs: list[str], **overrides: Any) -> None:
 def run_demo(
     output: str | Path | None = None,
     preset: str = "default",
-    shots: int = 5,
+    shots: int | None = None,
     methods: tuple[str, ...] = ("full", "dgst"),
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
@@ -84,13 +91,20 @@ def run_demo(
     Args:
         output: run folder (default ``runs/demo-<timestamp>``); everything is written under it.
         preset: ``default`` or ``tiny``.
-        shots: annotated target-domain cases used for fine-tuning.
+        shots: annotated target-domain cases used for fine-tuning (default: the preset's, 5 or 2).
         methods: fine-tuning methods to compare (names of ``dgst_monai.METHODS``).
         seed: seed of the few-shot draw and of training.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
+    shots = p.shots if shots is None else shots
+    available = p.target_cases - (max(1, round(0.2 * p.target_cases)) if p.target_cases >= 2 else 0)
+    if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= available:
+        raise DemoSettingsError(
+            f"--shots {shots!r} does not fit --preset {preset}: it has {available} target training cases "
+            f"(give --shots 1..{available}, or leave it out for {p.shots})"
+        )
     run_dir = Path(output) if output else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     bundle = bundle_dir()

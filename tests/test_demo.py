@@ -6,6 +6,7 @@ import csv
 import json
 import time
 
+import pytest
 import torch
 
 from dgst_monai.demo import run_demo
@@ -40,3 +41,19 @@ def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
     assert "DSC %" in capsys.readouterr().out
     assert (tmp_path / "results.json").is_file()
     print(f"tiny demo: {elapsed:.0f} s")  # acceptance: under 2 minutes (measured, not asserted: see pytest -s)
+
+
+def test_each_preset_brings_shots_that_fit_and_a_bad_combination_is_one_line(tmp_path, capsys):
+    """``dgst-monai demo --preset tiny`` works without ``--shots`` (the preset's own); shots beyond the preset's
+    target training cases stop before anything is written, in one line naming both settings."""
+    from dgst_monai.cli import main
+    from dgst_monai.demo import PRESETS
+
+    for preset in PRESETS.values():
+        assert 1 <= preset.shots <= preset.target_cases - max(1, round(0.2 * preset.target_cases))
+    with pytest.raises(SystemExit):
+        main(["demo", "--preset", "tiny", "--shots", "5", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert err == ("dgst-monai demo: error: --shots 5 does not fit --preset tiny: it has 3 target training cases "
+                   "(give --shots 1..3, or leave it out for 2)")
+    assert not (tmp_path / "run").exists()
