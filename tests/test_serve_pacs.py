@@ -161,6 +161,10 @@ def test_inference_stores_a_seg_in_the_pacs_that_references_its_series(clinic, r
     assert response.json()["stored"]["format"] == "rtstruct"
     rs = [s for s in clinic.pacs.series("RTSTRUCT") if s["0020000E"]["Value"][0] == response.json()["stored"]["SeriesInstanceUID"]]
     assert len(rs) == 1
+    (rs_instance,) = _instances(clinic.pacs) - before - added
+    (clinic.root / "stored_rs.dcm").write_bytes(
+        requests.get(f"{clinic.pacs.url}/instances/{rs_instance}/file", timeout=60).content)
+    assert dciodvfy_errors(clinic.root / "stored_rs.dcm") == []
     record_property("pacs_inference_s", round(latency, 2))
     print(f"\nPACS: one inference (download, segment, store SEG) {latency:.2f} s; server ready in {clinic.ready_s:.1f} s")
 
