@@ -92,7 +92,8 @@ CLIP: float = inspect.signature(DGSTHandler).parameters["clip_grad_norm"].defaul
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The released trainer's mask construction, re-implemented from its description (per-row full argsort, one-hot rows of torch.eye; see tests/test_released_trainer.py)
+# The released trainer's mask construction, re-implemented from its description (per-row full argsort, one-hot rows of
+# torch.eye; see tests/test_released_trainer.py)
 # --------------------------------------------------------------------------------------------------------------
 
 

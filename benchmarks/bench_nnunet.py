@@ -25,7 +25,8 @@ Measured (medians over rounds, ratio ours / nnU-Net):
    ``nnUNetTrainer.train_step`` on batches from its own data loader and augmentation. Time waiting for data
    (ours: ignite's ``GET_BATCH_STARTED`` to ``GET_BATCH_COMPLETED``; nnU-Net: ``next(dataloader_train)``) and
    compute are reported separately.
-2. Inference file to file: our bundle's ``inference.json`` evaluator (load, RAS, normalise and resample as nnU-Net does, sliding
+2. Inference file to file: our bundle's ``inference.json`` evaluator (load, RAS, normalise and resample as nnU-Net does,
+sliding
    window with Gaussian weighting, overlap 0.5, no mirroring, invert, argmax, save) against
    ``nnUNetPredictor.predict_from_files_sequential`` (tile step 0.5, Gaussian, no mirroring), on the same
    weights, and the Dice between the two masks.
@@ -635,10 +636,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     os.environ.update({k: v for k, v in env.items() if k.startswith(("nnUNet", "OMP", "MKL"))})
     # nnU-Net's planner sets torch's threads to nnUNet_n_proc_DA, which must then be positive
     os.environ["nnUNet_n_proc_DA"] = str(max(1, args.workers))
+    from importlib.metadata import version
+
     import monai
     import nnunetv2  # noqa: F401  (fails early and clearly without it)
     import torch
-    from importlib.metadata import version
 
     torch.set_num_threads(args.threads)
     preset = copy.deepcopy(PRESETS[args.preset])

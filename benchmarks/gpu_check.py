@@ -112,7 +112,8 @@ def cpu_path(args: argparse.Namespace) -> dict[str, Any]:
     Returns:
         Per mode: ``sparse_entries`` (entries of the kernels DGST sparsifies), ``changed_sparse`` (of those,
         entries whose value changed in the step), ``selected`` (the handler's count of selected entries, DGST
-        only, its always-trained entries subtracted), ``changed_other`` / ``other_entries`` (the always-trained parameters), the step's loss and time.
+        only, its always-trained entries subtracted), ``changed_other`` / ``other_entries`` (the always-trained
+        parameters), the step's loss and time.
     """
     torch.manual_seed(args.seed)
     base = bench_dgst.build_network(args)

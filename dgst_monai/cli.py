@@ -1,7 +1,8 @@
 """The ``dgst-monai`` command (python-fire), with a check that refuses a mis-bound command line before it runs.
 
 Commands: ``demo``, ``predict``, ``serve``, ``methods``, ``import-nnunet``, ``export``, ``delta export|apply``,
-``data synth|index|check|split|cards|card`` and ``benchmark`` (``benchmark report DIR``). Each is a thin call into the library; heavy imports happen inside the
+``data synth|index|check|split|cards|card`` and ``benchmark`` (``benchmark report DIR``). Each is a thin call into the
+library; heavy imports happen inside the
 command so that ``dgst-monai --help`` stays fast. Every option is spelled out (``--output``, never ``-o``), and
 the only values that may go without an option name are a command's required arguments (``data check
 DATALIST``) and the scans of ``predict``.
@@ -193,7 +194,8 @@ class Commands:
         foundation on the studies with a submitted label, and the next inference uses the fine-tune.
 
         Several bundles repeat ``--bundle`` (``--bundle a --bundle b``), follow it (``--bundle a b``) or come as a
-        list (``--bundle "[a, b]"``); default ``ln_ct_dynunet``. ``--checkpoint`` gives the foundation weights of each bundle in the same order (one
+        list (``--bundle "[a, b]"``); default ``ln_ct_dynunet``. ``--checkpoint`` gives the foundation weights of each
+        bundle in the same order (one
         path, or a list), ``--preset`` the network they were trained with (one for all, or a list). Listens on
         the loopback address unless ``--host`` says otherwise; the app folder (default ``<studies>_monailabel``)
         keeps the fine-tunes. ``--dry_run`` lays out the app and prints the server's command line.

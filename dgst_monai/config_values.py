@@ -7,7 +7,8 @@ directly but through :func:`flag`::
 
     "resume": false,
     ...
-    {"_target_": "dgst_monai.handlers.TrainingStateCheckpoint", "resume": "$dgst_monai.config_values.flag(@resume, 'resume')"}
+    {"_target_": "dgst_monai.handlers.TrainingStateCheckpoint", "resume": "$dgst_monai.config_values.flag(@resume,
+    'resume')"}
 
 Example:
     >>> from dgst_monai.config_values import flag

@@ -293,7 +293,8 @@ def save_delta(
 
     Args:
         base_path: the foundation checkpoint.
-        tuned_path: the fine-tuned checkpoint (plain keys: LoRA merged before saving; Adapter and spatial-adapter checkpoints add modules and are refused).
+        tuned_path: the fine-tuned checkpoint (plain keys: LoRA merged before saving; Adapter and spatial-adapter
+            checkpoints add modules and are refused).
         out_path: where to write the delta.
 
     Returns:

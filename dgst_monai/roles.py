@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
 Kind = Literal["kernel", "bias", "norm", "other"]

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bundle_copies import config_list, copy_bundle
 from monai.bundle import ConfigParser
 
 from dgst_monai.config_values import flag
 from dgst_monai.handlers import TrainingStateCheckpoint
-from bundle_copies import config_list, copy_bundle
 
 #: What the test reads back from the parsed bundle, instead of running it: the objects the booleans configure.
 PROBE: dict[str, Any] = {

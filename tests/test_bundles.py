@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 import torch
-from ignite.engine import Events
-
 from bundle_support import BUNDLE_NAMES, BUNDLES, TINY_NETWORK, TINY_RUN, make_workflow, run_like_model_zoo
 from helpers import error_chain
+from ignite.engine import Events
 
 from dgst_monai.bundle_variants import SOURCE_BUNDLE, VARIANTS, write_variant
 

@@ -20,17 +20,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
+from bundle_copies import SEED, config_list, copy_bundle, make_workflow
+from data_helpers import ct_volume, to_sitk, write, write_datalist, write_dicom_series
 from monai.bundle import ConfigParser
 
-import SimpleITK as sitk
-
-from data_helpers import ct_volume, to_sitk, write, write_datalist, write_dicom_series
 from dgst_monai.cli import main as cli_main
 from dgst_monai.data.readers import read_image
 from dgst_monai.data.validate import check_datalist
 from dgst_monai.files import DamagedFileError
 from dgst_monai.serve.scans import ScanError, check_scan
-from bundle_copies import SEED, config_list, copy_bundle, make_workflow
 
 SHAPE = (32, 32, 16)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ignite.engine import Events
 from helpers import build_tiny_dynunet, cpu_trainer, free_port, make_loss, nnunet_sgd, patches, snapshot
+from ignite.engine import Events
 from torch.nn.parallel import DistributedDataParallel
 
 from dgst_monai import DGSTHandler, apply_method

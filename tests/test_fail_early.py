@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from dgst_monai.preflight import check_command_line, check_output_folder, check_data, unknown_overrides
 from bundle_copies import config_list, copy_bundle, make_workflow
+
+from dgst_monai.preflight import check_command_line, check_data, check_output_folder, unknown_overrides
 
 MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"  # what sys.argv[0] is under -m
 

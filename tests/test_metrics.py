@@ -12,12 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader, MetaTensor
+from data_helpers import ct_volume, write
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice, from_engine
-
-from data_helpers import ct_volume, write
-from monai.data import Dataset
 from monai.transforms import AsDiscreted, Compose, EnsureChannelFirstd, LoadImaged
 
 from dgst_monai.data.datalists import load_split
@@ -58,7 +56,7 @@ def box_surfels(box: Box, spacing: tuple[float, float, float]) -> tuple[np.ndarr
     """Surface points (mm) and areas (mm^2) of a box of voxels."""
     lo, hi = box
     sp = np.asarray(spacing, dtype=float)
-    lattice = [np.arange(l - 0.5, h + 1.0, 1.0) for l, h in zip(lo, hi)]
+    lattice = [np.arange(low - 0.5, high + 1.0, 1.0) for low, high in zip(lo, hi)]
     points, areas = [], []
     for p in itertools.product(*lattice):
         on = [p[i] in (lo[i] - 0.5, hi[i] + 0.5) for i in range(3)]
@@ -284,7 +282,7 @@ def test_surface_dice_handler_empty_cases_and_missing_affine() -> None:
     aniso = _affine([[-2, 0, 0], [0, -1, 0], [0, 0, 1]])
     empty: Box = ((0, 0, 0), (-1, -1, -1))  # an empty slice range
     cases = [(empty, empty, iso), (CUBE, empty, iso), (empty, CUBE, iso), (CUBE_SHIFTED, CUBE, aniso)]
-    handler.update(([_onehot(p, a, "x") for p, _, a in cases], [_onehot(l, a, "x") for _, l, a in cases]))
+    handler.update(([_onehot(p, a, "x") for p, _, a in cases], [_onehot(lab, a, "x") for _, lab, a in cases]))
     np.testing.assert_allclose(handler.metric_fn.get_buffer()[:, 0].numpy(), [1.0, 0.0, 0.0, 0.79995], atol=1e-5)
 
     plain = torch.stack([torch.zeros(SHAPE), torch.ones(SHAPE)])

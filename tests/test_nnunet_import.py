@@ -20,7 +20,6 @@ from monai.networks.nets import DynUNet
 from torch.nn.functional import interpolate
 
 from dgst_monai import apply_method, describe_parameters
-from dgst_monai.normalization import load_normalization
 from dgst_monai.networks.nnunet_import import (
     NNUNetDynUNet,
     NNUNetImportError,
@@ -28,6 +27,7 @@ from dgst_monai.networks.nnunet_import import (
     export_nnunet,
     import_nnunet,
 )
+from dgst_monai.normalization import load_normalization
 
 pytest.importorskip("dynamic_network_architectures")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bundle_support import BUNDLES
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from monai.bundle import ConfigParser
 from torch import nn
 
-from bundle_support import BUNDLES
 from dgst_monai import apply_method, describe_parameters
 from dgst_monai.networks import NNUNetDynUNet, plan_preset
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from bundle_support import TINY_NETWORK, TINY_RUN, make_workflow
 from helpers import run_checked
 

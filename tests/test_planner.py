@@ -19,6 +19,7 @@ from monai.networks.nets import DynUNet, SwinUNETR
 
 from dgst_monai import describe_parameters
 from dgst_monai.networks import NETWORKS, build_network
+from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
 from dgst_monai.networks.planner import (
     PRESETS,
     DynUNetPlan,
@@ -27,7 +28,6 @@ from dgst_monai.networks.planner import (
     plan_dynunet,
     plan_preset,
 )
-from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
 from dgst_monai.networks.swinunetr import build_swinunetr
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ln_ct_dynunet"

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.inferers import SimpleInferer, SlidingWindowInferer
-
 from bundle_copies import copy_bundle, make_workflow
 from helpers import build_tiny_dynunet, changed_names, cpu_trainer, error_chain, nnunet_sgd, patches, snapshot
+from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from dgst_monai.inferers import AutocastInferer, MirroringInferer
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from bundle_support import BUNDLES
+
 from dgst_monai.cli import main
 from dgst_monai.protocol import run_benchmark, write_report
 from dgst_monai.protocol.executors import Job, LocalExecutor, Progress
@@ -33,6 +33,8 @@ TINY = dict(
     shots=[1], seeds=[0], methods=["full", "dgst"], preset="tiny", max_epochs=2, iterations_per_epoch=1,
     synthetic="tiny", bundle=BUNDLE, threads=1, progress=False,
 )
+
+pytestmark = pytest.mark.slow  # benchmark cells run as real processes, one killed and resumed: minutes
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -24,13 +24,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import fault_injection
 import pytest
 import torch
-
-import fault_injection
 from bundle_copies import config_list, copy_bundle
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # trainings killed and resumed several times: minutes
 
 # the forkserver imports these once; every run is a fresh fork of that process
 _CONTEXT = multiprocessing.get_context("forkserver")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from bundle_copies import copy_bundle, make_workflow
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 
@@ -21,7 +22,6 @@ from dgst_monai.handlers import TrainingStateCheckpoint
 from dgst_monai.handlers.checkpoint_loader import CheckpointMismatchError, SafeCheckpointLoader, load_checkpoint
 from dgst_monai.networks import plan_preset
 from dgst_monai.networks.checkpoints import checkpoint_state, for_checkpoint
-from bundle_copies import copy_bundle, make_workflow
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dgst_monai"
 #: The one documented exception: nnU-Net's own checkpoints pickle numpy scalars and dicts; the import trusts the

@@ -1,7 +1,8 @@
 """``dgst-monai serve``: a real MONAI Label server on a free loopback port, talked to over HTTP.
 
 The module starts one server through the command line (``python -m dgst_monai.cli serve``, which replaces itself
-by ``python -m dgst_monai.serve.pydicom3``, MONAI Label's ``monailabel.main``, so the process's PID is the server's) serving both bundles: ``ln_ct_dynunet``
+by ``python -m dgst_monai.serve.pydicom3``, MONAI Label's ``monailabel.main``, so the process's PID is the server's)
+serving both bundles: ``ln_ct_dynunet``
 with a tiny foundation model trained here, ``ln_ct_swinunetr`` with tiny random weights, on a few small
 synthetic studies. The tests then segment by study id and by upload, load the server with 10 concurrent
 inferences while ``/info/`` must keep answering, send the bad requests MONAI Label alone answers with a 500,
@@ -41,7 +42,7 @@ from dgst_monai.data import write_synthetic_dataset
 from dgst_monai.normalization import load_normalization, save_normalization
 from dgst_monai.predict import predict
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]  # a real MONAI Label server and a fine-tune: minutes
 
 DYNUNET, SWINUNETR = "ln_ct_dynunet", "ln_ct_swinunetr"
 HOST = "127.0.0.1"

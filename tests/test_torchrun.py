@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from bundle_support import BUNDLES, TINY_NETWORK
 from helpers import free_port
@@ -16,6 +17,8 @@ from dgst_monai.data.datalists import ct_normalization
 from dgst_monai.normalization import save_normalization
 
 ITERATIONS = 2
+
+pytestmark = pytest.mark.slow  # torchrun with two ranks
 
 
 def test_torchrun_dgst_finetuning_keeps_ranks_identical(tiny_ct, tmp_path):

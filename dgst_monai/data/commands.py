@@ -115,7 +115,7 @@ class DataCommands:
         Returns:
             A summary line.
         """
-        from dgst_monai.data.index import DEFAULTS, COMMON_OPTIONS, index_dataset
+        from dgst_monai.data.index import COMMON_OPTIONS, DEFAULTS, index_dataset
 
         given = {
             "label_dir": label_dir, "case_glob": case_glob, "image_file": image_file, "label_file": label_file,

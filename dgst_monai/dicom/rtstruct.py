@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset

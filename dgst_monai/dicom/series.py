@@ -366,19 +366,22 @@ def scan(folder: str | os.PathLike[str]) -> DicomFolder:
 
 def _pixel_damage(path: Path, header: Dataset) -> str:
     """Why a CT slice's pixel data is unusable (cut short, missing), or ``""``. pydicom reads a truncated file
-    without complaint, so the length is checked here."""
+    without complaint, so the length is checked here (a file too small for its image is refused without reading
+    it again)."""
+    expected = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1)) * int(
+        header.BitsAllocated
+    ) // 8
+    if not header.file_meta.TransferSyntaxUID.is_compressed:
+        if path.stat().st_size < expected:
+            return f"pixel data cut short (the file has {path.stat().st_size} bytes, its image needs {expected})"
     try:
         ds = pydicom.dcmread(path)
     except Exception as err:  # noqa: BLE001 - any parse failure is damage
         return f"damaged ({type(err).__name__}: {err})"
     if "PixelData" not in ds:
         return "no pixel data (the file is cut short)"
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        expected = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1)) * int(
-            header.BitsAllocated
-        ) // 8
-        if len(ds.PixelData) < expected:
-            return f"pixel data cut short ({len(ds.PixelData)} of {expected} bytes)"
+    if not header.file_meta.TransferSyntaxUID.is_compressed and len(ds.PixelData) < expected:
+        return f"pixel data cut short ({len(ds.PixelData)} of {expected} bytes)"
     return ""
 
 

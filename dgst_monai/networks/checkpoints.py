@@ -1,6 +1,6 @@
 """Rebuild in a plain network the modules a fine-tuned checkpoint adds, so that it loads strictly.
 
-A fine-tuned checkpoint (``models/model.pt``, written by the bundle's ``CheckpointSaver`` through
+A fine-tuned checkpoint (``models/model.pt``, written by the bundle's ``FinalModelSaver`` through
 :class:`~dgst_monai.networks.adapters.MergedView`) says by its keys which modules it adds to the foundation
 network: ``<block>.conv2.adapter.*`` for Houlsby adapters (``adapter``), ``foundation.*`` +
 ``spatial_adapter.*`` for the black-box spatial adapter (``spatial_adapter``). LoRA is folded in before saving,

@@ -39,9 +39,9 @@ from typing import Any
 
 from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.nets import DynUNet
+from torch import nn
 
 from dgst_monai.networks.nnunet_layout import NNUNetDynUNet
-from torch import nn
 
 __all__ = [
     "PRESETS",

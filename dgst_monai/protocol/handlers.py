@@ -97,7 +97,7 @@ class IterationClock:
 class CheckpointsAt:
     """Save the model's state dict after given iteration counts: ``<save_dir>/model_it<N>.pt``.
 
-    The file holds what the bundle's final ``CheckpointSaver`` holds (pass the same object, the bundle's
+    The file holds what the bundle's ``FinalModelSaver`` holds (pass the same object, the bundle's
     ``@final_model``), so the evaluate config scores it exactly as it scores ``model.pt``. Saved at
     ``ITERATION_COMPLETED``, after the DGST handler restored the unselected entries (``MODEL_COMPLETED``).
 
