@@ -83,7 +83,7 @@ def build_plan(args: argparse.Namespace) -> Any:
     plan = plan_preset(args.preset, **overrides)
     if args.patch:
         plan = dataclasses.replace(plan, patch_size=tuple(args.patch))
-    bench_dgst.check_patch(plan, plan.patch_size)
+    plan.check_patch(plan.patch_size)
     return plan
 
 

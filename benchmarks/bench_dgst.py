@@ -185,17 +185,8 @@ def build_plan(args: argparse.Namespace) -> DynUNetPlan:
     if args.deep_supr_num is not None:
         changes["deep_supr_num"] = args.deep_supr_num
     plan = replace(plan, **changes)
-    check_patch(plan, args.patch)
+    plan.check_patch(args.patch)
     return plan
-
-
-def check_patch(plan: DynUNetPlan, patch: list[int] | tuple[int, ...]) -> None:
-    """Raise if ``patch`` is not divisible by the plan's total strides on every axis."""
-    totals = [1] * len(patch)
-    for stride in plan.strides:
-        totals = [t * s for t, s in zip(totals, stride)]
-    if any(p % t for p, t in zip(patch, totals)):
-        raise ValueError(f"--patch {list(patch)} must be divisible by the plan's total strides {totals} per axis")
 
 
 def build_network(args: argparse.Namespace) -> nn.Module:

@@ -47,7 +47,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "configs/metadata.json": {
             "version": "0.8.0",
             "changelog": {
-                "0.8.0": "output_format setting of inference.json (nifti, dicom-seg, rtstruct), as ln_ct_dynunet 0.9.0",
+                "0.8.0": "output_format setting of inference.json (nifti, dicom-seg, rtstruct) and the patch_size check "
+                "(every axis a multiple of 32), as ln_ct_dynunet 0.9.0",
                 "0.7.0": "orientation setting and nnU-Net's window places, as ln_ct_dynunet 0.8.0",
                 "0.6.0": "compile setting of inference.json and train.json, as ln_ct_dynunet 0.7.0 "
                 "(torch.compile of the network, off by default)",

@@ -229,6 +229,8 @@ METHODS: MethodRegistry = _register(
     FineTuningMethod("bias", "Bias", lambda i: i.kind == "bias"),
     FineTuningMethod("norm", "Affine-IN", lambda i: i.kind == "norm"),
     FineTuningMethod("bias_norm", "Bias+Norm", lambda i: i.kind in ("bias", "norm")),
+    # DGST's always-trained set without any kernel entry: the control that isolates what DGST's kernels add
+    FineTuningMethod("bias_norm_head", "Bias+Norm+Head", lambda i: i.kind in ("bias", "norm") or i.head),
     FineTuningMethod("encoder", "Encoder Only", lambda i: i.part == "encoder", needs_layout=True),
     FineTuningMethod("decoder", "Decoder Only", lambda i: i.part == "decoder", needs_layout=True),
     FineTuningMethod(

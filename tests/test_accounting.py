@@ -71,6 +71,7 @@ def test_hand_counts_of_every_method():
         "bias": 2,  # only the head conv has a bias
         "norm": NORM,
         "bias_norm": NORM + 2,
+        "bias_norm_head": NORM + HEAD,  # DGST's always-trained set: the head's bias is part of HEAD
         "encoder": ENCODER,
         "decoder": DECODER,
         "drst": TOTAL,

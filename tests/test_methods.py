@@ -16,7 +16,8 @@ from dgst_monai import METHODS, DGSTHandler, apply_method, describe_parameters, 
 from dgst_monai.sparsity import group_rows
 
 ALL_METHODS = (
-    "scratch", "full", "linear_probe", "bias", "norm", "bias_norm", "encoder", "decoder", "drst", "sgst", "dgst"
+    "scratch", "full", "linear_probe", "bias", "norm", "bias_norm", "bias_norm_head", "encoder", "decoder", "drst",
+    "sgst", "dgst",
 )
 SPARSE_METHODS = ("drst", "sgst", "dgst")
 STATIC_METHODS = tuple(m for m in ALL_METHODS if m not in SPARSE_METHODS)
@@ -35,6 +36,8 @@ def expected_trained(method: str, names, roles) -> set[str]:
         return {n for n in names if roles.is_norm(n)}
     if method == "bias_norm":
         return {n for n in names if roles.is_bias(n) or roles.is_norm(n)}
+    if method == "bias_norm_head":
+        return {n for n in names if roles.is_bias(n) or roles.is_norm(n) or n.startswith(roles.heads)}
     if method == "encoder":
         return {n for n in names if n.startswith(roles.encoder)}
     if method == "decoder":

@@ -178,6 +178,31 @@ class DynUNetPlan:
         return len(self.strides)
 
     @property
+    def total_strides(self) -> tuple[int, ...]:
+        """The product of the stage strides per axis: every patch axis must be a multiple of it."""
+        totals = [1] * len(self.strides[0])
+        for stride in self.strides:
+            totals = [t * s for t, s in zip(totals, stride)]
+        return tuple(totals)
+
+    def check_patch(self, patch_size: Any) -> list[int]:
+        """``patch_size`` as a list, if the network can take it (each axis a positive multiple of
+        :attr:`total_strides`); a bundle's ``initialize`` checks an overridden ``--patch_size`` with it.
+
+        Raises:
+            ValueError: a patch of another dimension, or an axis that is not a multiple of its total stride.
+        """
+        patch = [int(p) for p in patch_size]
+        totals = self.total_strides
+        if len(patch) != len(totals) or any(p < 1 or p % t for p, t in zip(patch, totals)):
+            raise ValueError(
+                f"patch_size {patch} does not fit the network: each axis must be a multiple of its total stride "
+                f"{list(totals)} (the product of the strides {[list(s) for s in self.strides]}), e.g. "
+                f"{[max(t, round(p / t) * t) for p, t in zip(patch, totals)]}"
+            )
+        return patch
+
+    @property
     def bottleneck_size(self) -> tuple[int, ...]:
         """Feature-map size at the bottleneck for one patch."""
         return _sizes(self.patch_size, self.strides)[-1]

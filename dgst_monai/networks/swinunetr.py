@@ -99,6 +99,20 @@ class SwinUNETRPlan:
         if any(p % 32 for p in self.patch_size):
             raise ValueError(f"SwinUNETR needs every patch axis to be a multiple of 32, got {list(self.patch_size)}")
 
+    def check_patch(self, patch_size: Any) -> list[int]:
+        """``patch_size`` as a list, if SwinUNETR can take it (every axis a multiple of 32, its total stride).
+
+        Raises:
+            ValueError: a patch of another dimension, or an axis that is not a multiple of 32.
+        """
+        patch = [int(p) for p in patch_size]
+        if len(patch) != len(self.patch_size) or any(p < 1 or p % 32 for p in patch):
+            raise ValueError(
+                f"patch_size {patch} does not fit the network: SwinUNETR's total stride is 32 on every axis, "
+                f"so each axis must be a multiple of 32, e.g. {[max(32, round(p / 32) * 32) for p in patch]}"
+            )
+        return patch
+
     def network(self, in_channels: int = 1, out_channels: int = 2, deep_supervision: bool = False) -> SwinUNETR:
         """Build the network. SwinUNETR has no deep supervision: ``deep_supervision`` is accepted so that the
         bundle wiring is the same for both networks, and changes nothing."""
