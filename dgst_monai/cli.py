@@ -159,8 +159,11 @@ class Commands:
         ``normalization.json``, a new version whose changelog names the method, shots and data (from the
         ``training_record.json`` beside the checkpoint) and ``eval_metrics`` from ``--evaluation``
         (``<ckpt_dir>/eval/summary.json``). It passes the model zoo's checks before it is written."""
-        from dgst_monai.export import export_bundle
+        from dgst_monai.export import NO_EVALUATION, export_bundle
         from dgst_monai.resources import find_bundle
+
+        if evaluation is None:
+            print(f"dgst-monai export: note: {NO_EVALUATION}", file=sys.stderr)
 
         return str(
             export_bundle(

@@ -65,6 +65,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: said whenever a bundle is exported without an evaluation summary
+NO_EVALUATION = (
+    "no evaluation given: the exported bundle carries no eval_metrics (its metadata says 'Not evaluated at "
+    "export'); pass --evaluation <ckpt_dir>/eval/summary.json (written by configs/evaluate.json) to include them"
+)
 
 #: The record of a training run, beside its checkpoint.
 RECORD_FILE = "training_record.json"
@@ -744,6 +749,8 @@ def export_bundle(
     normalization = load_normalization(ckpt)
     record = load_training_record(ckpt)
     summary = _read_summary(evaluation) if evaluation is not None else None
+    if summary is None:
+        logger.warning(NO_EVALUATION)
     if record is None and changelog is None:
         raise ValueError(
             f"no {RECORD_FILE} beside {ckpt}, so the method, shots and data of this model are unknown: pass "

@@ -10,6 +10,7 @@ those of the source checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -150,7 +151,7 @@ def test_model_ts_and_model_pt_give_the_source_checkpoints_masks(exported, tiny_
     np.testing.assert_array_equal(_mask(from_ts), expected)
 
 
-def test_export_with_a_preset_overlay_merges_it_and_checks_the_checkpoint(tiny_ct, tmp_path):
+def test_export_with_a_preset_overlay_merges_it_and_checks_the_checkpoint(tiny_ct, tmp_path, caplog):
     """--preset cpu_small (an overlay config) is merged into train.json; a checkpoint of another network, or a
     preset that contradicts the training record, is refused before anything is written."""
     root = BUNDLES / "ln_ct_dynunet"
@@ -163,9 +164,12 @@ def test_export_with_a_preset_overlay_merges_it_and_checks_the_checkpoint(tiny_c
     with pytest.raises(ValueError, match="changelog"):
         export_bundle(root, ckpt, output, preset="cpu_small")  # no training record: nothing to say what it is
 
-    export_bundle(root, ckpt, output, preset="cpu_small", changelog="pre-trained", check_overrides=checks)
+    with caplog.at_level(logging.WARNING, logger="dgst_monai.export"):
+        export_bundle(root, ckpt, output, preset="cpu_small", changelog="pre-trained", check_overrides=checks)
+    assert "the exported bundle carries no eval_metrics" in caplog.text  # no evaluation given: said
     with zipfile.ZipFile(output) as archive:
         train = json.loads(archive.read("small_site/configs/train.json"))
+        assert json.loads(archive.read("small_site/configs/metadata.json"))["eval_metrics"] == {}
     overlay = json.loads((root / "configs" / "cpu_small.json").read_text(encoding="utf-8"))
     assert train["plan"] == plan_preset("cpu-small").to_config()
     assert {k: train[k] for k in overlay if k != "preset"} == {k: v for k, v in overlay.items() if k != "preset"}
