@@ -258,7 +258,8 @@ def test_ten_concurrent_inferences_are_answered_while_info_answers(clinic, recor
 
 
 def test_a_label_submitted_through_the_label_api_counts(clinic, tmp_path):
-    """A NIfTI label (as 3D Slicer sends it) for a PACS series becomes a label of that series."""
+    """A NIfTI label (as 3D Slicer sends it) or a DICOM-SEG (as OHIF sends it) for a PACS series becomes a label
+    of that series."""
     plain = clinic.studies["plain"]
     series_dir = clinic.app / "pacs" / "dicom" / "series" / plain.uids["series"]
     label = sitk.GetImageFromArray(plain.mask.astype(np.uint8))
@@ -272,6 +273,21 @@ def test_a_label_submitted_through_the_label_api_counts(clinic, tmp_path):
     assert listing[plain.uids["series"]]["labels"]["final"]["info"]["source"] == "submitted"
     assert listing[clinic.studies["contoured"].uids["series"]]["labels"]["final"]["info"]["structures"] == ["LN_level_II"]
     assert listing[clinic.studies["decoys_only"].uids["series"]]["labels"] == {}
+    # a corrected DICOM-SEG (as OHIF sends one) of the decoys-only study: its segments on the series' grid
+    decoys = clinic.studies["decoys_only"]
+    corrected = tmp_path / "corrected.dcm"
+    _other_tool_seg(corrected, clinic.root / "dicom" / "decoys_only" / "CT", decoys.mask)
+    with open(corrected, "rb") as fh:
+        response = requests.put(f"{clinic.base}/datastore/label", params={"image": decoys.uids["series"]},
+                                files={"label": ("corrected.dcm", fh)}, timeout=120)
+    assert response.status_code == 200, response.text
+    stored = clinic.app / "pacs" / "labels" / "final" / f"{decoys.uids['series']}.nii.gz"
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(stored))) > 0, decoys.mask)
+    # a DICOM file that is no segmentation is a 422 naming it
+    with open(next((clinic.root / "dicom" / "plain" / "CT").iterdir()), "rb") as fh:
+        response = requests.put(f"{clinic.base}/datastore/label", params={"image": decoys.uids["series"]},
+                                files={"label": ("slice.dcm", fh)}, timeout=120)
+    assert response.status_code == 422 and "not a segmentation" in response.json()["detail"]
 
 
 def test_listening_beyond_loopback_is_said_and_structures_need_a_pacs(clinic, tmp_path):

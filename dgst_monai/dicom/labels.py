@@ -27,7 +27,15 @@ from dgst_monai.dicom.rtstruct import rasterise_rois, roi_names
 from dgst_monai.dicom.seg import rasterise_segments, segment_labels
 from dgst_monai.dicom.series import CTSeries, DicomError, DicomFolder, LabelObject, scan
 
-__all__ = ["CASE_IDS", "DicomCase", "collect_cases", "format_table", "match_structures", "parse_structures"]
+__all__ = [
+    "CASE_IDS",
+    "DicomCase",
+    "collect_cases",
+    "format_table",
+    "match_structures",
+    "parse_structures",
+    "segmentation_to_label",
+]
 
 #: how a case is named: the DICOM PatientID, or the folder right under the indexed folder (one per patient)
 CASE_IDS = ("patient", "folder")
@@ -244,3 +252,23 @@ def format_table(cases: Sequence[DicomCase], status: Callable[[DicomCase], str |
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths)) + "  " + str(r[-1]))
     return "\n".join(lines)
 
+
+
+def segmentation_to_label(seg: str | os.PathLike[str], series: CTSeries, target: Path) -> list[str]:
+    """Every segment of a DICOM-SEG file (a corrected label from a viewer) as one label volume on ``series``' grid.
+
+    Returns:
+        Problems (not a segmentation, frames off the grid or outside the CT); nothing is written then.
+    """
+    import pydicom
+
+    path = Path(seg)
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a damaged upload
+        return [f"{path.name}: not a readable DICOM file ({type(err).__name__})"]
+    obj = LabelObject(path, ds, "SEG")
+    if str(ds.get("Modality", "")) != "SEG":
+        return [f"{path.name}: a DICOM {ds.get('Modality', 'object')} file, not a segmentation (SEG)"]
+    segments = segment_labels(obj)
+    return DicomCase(path.stem, series, [LabelSource(obj, segments, segments)]).write_label(target)

@@ -14,7 +14,9 @@ routes are therefore answered here before MONAI Label sees them, through MONAI L
   loop stays free (inference itself runs one scan at a time, :mod:`dgst_monai.serve.tasks`).
 * ``POST /train/<model>``: unknown model -> 404; parameters checked (:func:`finetune_overrides`) -> 422;
   then MONAI Label starts the fine-tune in its own process.
-* ``PUT /datastore/label``: unknown study -> 404; a label that does not fit its image -> 422.
+* ``PUT /datastore/label``: unknown study -> 404; a label that does not fit its image -> 422. For a DICOM study
+  (a PACS series) the label may also be a DICOM-SEG (a corrected segmentation from OHIF): its segments are placed
+  on the series' grid first.
 
 Every other request goes to MONAI Label unchanged, including the application's start-up and shut-down.
 """
@@ -176,9 +178,28 @@ def save_label(
     uri = _study(image)
     _check_params(params)
     with tempfile.TemporaryDirectory(prefix="label-") as folder:
+        head = label.file.read(132)
+        label.file.seek(0)
+        if Path(uri).is_dir() and head[128:132] == b"DICM":  # a corrected DICOM-SEG of a DICOM study (OHIF)
+            label = _segmentation_as_volume(label, uri, Path(folder))
         check_label(uri, _receive(label, folder, "label"), name=label.filename)
-    label.file.seek(0)
-    return datastore_endpoints.save_label(background_tasks, image, params, tag, label, user.username)
+        label.file.seek(0)
+        return datastore_endpoints.save_label(background_tasks, image, params, tag, label, user.username)
+
+
+def _segmentation_as_volume(upload: UploadFile, study: str, folder: Path) -> UploadFile:
+    """An uploaded DICOM-SEG of a DICOM study as a label volume on the study's grid (all its segments)."""
+    from dgst_monai.dicom.labels import segmentation_to_label
+    from dgst_monai.dicom.writers import load_series
+
+    seg = folder / "upload.dcm"
+    with open(seg, "wb") as out:
+        shutil.copyfileobj(upload.file, out)
+    volume = folder / "segmentation.nii.gz"
+    problems = segmentation_to_label(seg, load_series(study), volume)
+    if problems:
+        raise ScanError(f"{upload.filename}: {'; '.join(problems)}")
+    return UploadFile(file=open(volume, "rb"), filename="segmentation.nii.gz")  # noqa: SIM115 - closed with the request
 
 
 def _is_checked(scope: Scope) -> bool:

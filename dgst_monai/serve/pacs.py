@@ -241,25 +241,10 @@ class PacsDatastore(Datastore):
         return sorted(set(self.list_images()) - set(self.get_labeled_images()))
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Keep a submitted label (a volume file on the series' grid, or a DICOM-SEG of the series) in the cache."""
-        from dgst_monai.dicom.labels import DicomCase, LabelSource
-        from dgst_monai.dicom.series import LabelObject, scan
-
+        """Keep a submitted label (a volume file on the series' grid; the route converts a DICOM-SEG to one)."""
         target = self.cache / "labels" / label_tag / f"{image_id}.nii.gz"
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(label_filename, "rb") as fh:
-            fh.seek(128)
-            is_dicom = fh.read(4) == b"DICM"
-        if is_dicom:  # a corrected DICOM-SEG (OHIF): every segment on the series' grid
-            ds = pydicom.dcmread(label_filename)
-            series = next(iter(scan(self.get_image_uri(image_id)).series.values()))
-            segments = {int(s.SegmentNumber): str(s.get("SegmentLabel", "")) for s in ds.get("SegmentSequence", [])}
-            case = DicomCase(image_id, series, [LabelSource(LabelObject(Path(label_filename), ds, "SEG"), segments, segments)])
-            problems = case.write_label(target)
-            if problems:
-                raise ValueError(f"label for {image_id}: {'; '.join(problems)}")
-        else:
-            shutil.copyfile(label_filename, target)
+        shutil.copyfile(label_filename, target)
         atomic_write_json(target.with_suffix(".json"), {"info": label_info})
         return image_id
 
