@@ -103,11 +103,12 @@ class BenchmarkCommands:
             )
         )
 
-    def report(self, out_dir: str) -> str:
-        """Merge the finished cells of the run folder ``out_dir`` into per_case.csv, summary.csv, report.md, PNGs."""
+    def report(self, out_dir: str, reference: str = "full") -> str:
+        """Merge the finished cells of the run folder ``out_dir`` into per_case.csv, summary.csv, report.md, PNGs;
+        ``--reference`` is the method every other is compared with pair by pair (default ``full``)."""
         from dgst_monai.protocol.report import write_report
 
-        return str(write_report(str(out_dir)))
+        return str(write_report(str(out_dir), reference=str(reference)))
 
 
 def _command_line() -> str | None:

@@ -30,7 +30,7 @@ from dgst_monai.metrics import summarize_nodes
 from dgst_monai.protocol.cell import PER_CASE_FILE, RESULT_FILE
 from dgst_monai.protocol.grid import FOUNDATION, method_label
 
-__all__ = ["format_table", "load_results", "rank_marks", "summarize_cells", "write_report"]
+__all__ = ["format_table", "load_results", "paired_table", "rank_marks", "summarize_cells", "write_report"]
 
 #: Summary columns of the node-level metrics (pooled over cases and seeds).
 NODE_COLUMNS = (
@@ -203,11 +203,60 @@ def _table_gamma(method: str, table_gamma: int, sparse: set[str]) -> int | None:
     return table_gamma if method in sparse else None
 
 
-def write_report(out: str | os.PathLike[str]) -> Path:
+def paired_table(
+    rows: Sequence[Mapping[str, str]],
+    methods: Sequence[str],
+    reference: str,
+    shots: Sequence[int],
+    gamma_of: Callable[[str], int | None],
+    metric: str = "dice",
+) -> str | None:
+    """Markdown table of each method's paired difference against ``reference`` per shot level (percentage points,
+    bootstrap 95 % interval over seeds and test cases, Wilcoxon p); None when the reference has no cell.
+
+    **bold**: the interval lies above 0 (better than the reference); <ins>underlined</ins>: below 0 (worse).
+    """
+    from dgst_monai.protocol.statistics import paired_difference
+
+    final: dict[str, int] = {}
+    for r in rows:
+        final[r["cell"]] = max(final.get(r["cell"], 0), int(r["iteration"]))
+    scores: dict[tuple[str, int, int | None], dict[tuple[int, str], float]] = {}
+    for r in rows:
+        if int(r["iteration"]) != final[r["cell"]]:
+            continue
+        gamma = None if r["gamma"] == "" else int(r["gamma"])
+        scores.setdefault((r["method"], int(r["shots"]), gamma), {})[(int(r["seed"]), r["case_id"])] = _float(r[metric])
+    if not any(scores.get((reference, k, gamma_of(reference))) for k in shots):
+        return None
+    header = ["Method", *[f"{k}-shot" for k in shots]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in methods:
+        if m == reference:
+            continue
+        cells = []
+        for k in shots:
+            ours, theirs = scores.get((m, k, gamma_of(m))), scores.get((reference, k, gamma_of(reference)))
+            diff = paired_difference(ours, theirs) if ours and theirs else None
+            if diff is None:
+                cells.append("")
+                continue
+            text = (f"{diff.mean * 100:+.2f} [{diff.low * 100:+.2f}, {diff.high * 100:+.2f}], "
+                    f"p {diff.p_value:.2g}, n {diff.pairs}")
+            if diff.significant:
+                text = f"**{text}**" if diff.mean > 0 else f"<ins>{text}</ins>"
+            cells.append(text)
+        if any(cells):
+            lines.append("| " + " | ".join([method_label(m), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: str | os.PathLike[str], reference: str = "full") -> Path:
     """Write ``per_case.csv``, ``summary.csv``, ``report.md``, the plots and the qualitative figure of a run.
 
     Args:
         out: the run folder (``benchmark.json`` and ``cells/``).
+        reference: the method every other is compared with, pair by pair (``paired_table``).
 
     Returns:
         The path of ``report.md``.
@@ -252,7 +301,7 @@ def write_report(out: str | os.PathLike[str]) -> Path:
             table.append((method_label(m), cells))
         return table
 
-    def reference(key: str, std: bool = True, scale: float = 100.0) -> str:
+    def foundation_note(key: str, std: bool = True, scale: float = 100.0) -> str:
         if found is None:
             return ""
         value = found[f"{key}_mean" if std else key]
@@ -278,9 +327,9 @@ def write_report(out: str | os.PathLike[str]) -> Path:
     ]
     if methods:
         lines += ["## Table 1: DSC (%)", "", format_table(["Method", *shot_header], metric_rows(methods, "dice")),
-                  reference("dice")]
+                  foundation_note("dice")]
         lines += ["## NSD at 1 mm (%)", "", format_table(["Method", *shot_header], metric_rows(methods, "nsd_1mm")),
-                  reference("nsd_1mm")]
+                  foundation_note("nsd_1mm")]
         lines += ["## Lymph-node detection (pooled over the test cases' nodes)", ""]
         for key, title, higher in (
             ("node_f1", "Node F1 (%)", True),
@@ -296,7 +345,7 @@ def write_report(out: str | os.PathLike[str]) -> Path:
                 continue  # e.g. no reference node of that size in the test split
             lines += [f"### {title}", "",
                       format_table(["Method", *shot_header], table, scale=scale, higher_is_better=higher),
-                      reference(key, std=False, scale=scale)]
+                      foundation_note(key, std=False, scale=scale)]
     if ablation:
         header = ["Method", *[f"DSC {k}-shot" for k in shots], "s / iteration", "trainable %", "updated / step %",
                   "changed %", "peak RSS (GB)"]
@@ -337,6 +386,14 @@ def write_report(out: str | os.PathLike[str]) -> Path:
                 if any(c[0] is not None for c in cells):
                     table.append((method_label(m), cells))
             lines += [f"### {k}-shot", "", format_table(["Method", *[f"{it} it" for it in budgets]], table), ""]
+    compared = [m for m in dict.fromkeys([*methods, *ablation]) if m != FOUNDATION]
+    paired = paired_table(rows, compared, reference, shots, lambda m: _table_gamma(m, table_gamma, sparse))
+    if paired is not None:
+        lines += [f"## Paired differences against {method_label(reference)}: DSC (percentage points)", "",
+                  f"Method minus {method_label(reference)} on the same test cases and seeds: mean, bootstrap 95 % "
+                  "interval (seeds and test cases resampled), Wilcoxon signed-rank p, number of pairs. **Bold**: "
+                  "the interval lies above 0; <ins>underlined</ins>: below 0; unmarked: no difference shown.", "",
+                  paired, ""]
     lines += ["## Cost per cell", "", _cost_table(summary), ""]
 
     figures = plots.write_plots(out, summary, grid=grid, table_gamma=table_gamma, sparse=sparse)
