@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dgst_monai.config_values import set_config_key
+
 __all__ = ["SOURCE_BUNDLE", "VARIANTS", "format_config", "write_variant", "write_variants"]
 
 SOURCE_BUNDLE = "ln_ct_dynunet"
@@ -32,8 +34,8 @@ _SWIN_DESCRIPTION = (
 )
 
 #: variant bundle -> file (relative to the bundle) -> changes. JSON files take ``{"id#path": value}``
-#: (``None`` deletes the key); Markdown files take ``{"old text": "new text"}`` replacements, each of which must
-#: match exactly once.
+#: (:func:`dgst_monai.config_values.set_config_key`); Markdown files take ``{"old text": "new text"}``
+#: replacements, each of which must match exactly once.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "ln_ct_swinunetr": {
         "configs/train.json": {
@@ -119,25 +121,12 @@ def format_config(content: Any, width: int = 118) -> str:
     return render(content, 0) + "\n"
 
 
-def _set(config: dict[str, Any], key: str, value: Any, where: str) -> None:
-    *parents, last = key.split("#")
-    node: Any = config
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    if value is None:
-        if last not in node:
-            raise KeyError(f"{where}: cannot delete {key!r}, the source has no such key")
-        del node[last]
-    else:
-        node[last] = value
-
-
 def _apply(path: Path, changes: dict[str, Any]) -> None:
     where = str(path)
     if path.suffix == ".json":
         config = json.loads(path.read_text(encoding="utf-8"))
         for key, value in changes.items():
-            _set(config, key, value, where)
+            set_config_key(config, key, value)
         path.write_text(format_config(config), encoding="utf-8")
         return
     text = path.read_text(encoding="utf-8")

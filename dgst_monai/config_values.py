@@ -114,3 +114,32 @@ def output_formats(value: Any, name: str = "output_format") -> tuple[str, ...]:
         return parse_formats(value)
     except ValueError as err:
         raise type(err)(f"{name}: {err}") from None
+
+
+def set_config_key(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set one entry of a parsed bundle config as ``monai.bundle run`` merges config files.
+
+    ``a#b`` (or ``a::b``) ids address nested items (list items by index; missing dict levels are created); a
+    ``+`` prefix extends a list or updates a dict instead of replacing it. The one rule for every code path that
+    writes configs (export overlays, generated bundle variants).
+
+    Example::
+
+        set_config_key(config, "train#handlers#0#epoch_level", False)
+        set_config_key(config, "+required_packages_version", {"einops": "0.8.2"})
+    """
+    import re
+
+    extend = key.startswith("+")
+    *parents, last = re.split(r"#|::", key.lstrip("+"))
+    target: Any = config
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
+    index: int | str = int(last) if isinstance(target, list) else last
+    current = target[index] if isinstance(target, list) or index in target else None
+    if extend and isinstance(value, list) and isinstance(current, list):
+        target[index] = [*current, *value]
+    elif extend and isinstance(value, dict) and isinstance(current, dict):
+        target[index] = {**current, **value}
+    else:
+        target[index] = value

@@ -45,6 +45,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dgst_monai.config_values import set_config_key
 from dgst_monai.files import atomic_open, atomic_torch_save, atomic_write, atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -367,24 +368,6 @@ def _overlay(root: Path, preset: str | None) -> dict[str, Any]:
     return {"preset": preset}
 
 
-def _set(config: dict[str, Any], key: str, value: Any) -> None:
-    """Merge one overlay entry as ``monai.bundle run`` merges config files: ``a#b`` (or ``a::b``) ids into
-    nested items, a ``+`` prefix extends a list or updates a dict."""
-    extend = key.startswith("+")
-    *parents, last = re.split(r"#|::", key.lstrip("+"))
-    target: Any = config
-    for part in parents:
-        target = target[int(part)] if isinstance(target, list) else target[part]
-    index: int | str = int(last) if isinstance(target, list) else last
-    current = target[index] if isinstance(target, list) or index in target else None
-    if extend and isinstance(value, list) and isinstance(current, list):
-        target[index] = [*current, *value]
-    elif extend and isinstance(value, dict) and isinstance(current, dict):
-        target[index] = {**current, **value}
-    else:
-        target[index] = value
-
-
 def _merged(root: Path, config: str, overlay: Mapping[str, Any], only_known: bool) -> dict[str, Any]:
     """``configs/<config>.json`` (as written, not re-spelled by a parser) with ``overlay`` merged; with
     ``only_known`` just the overlay entries whose top-level key the config already has."""
@@ -393,7 +376,7 @@ def _merged(root: Path, config: str, overlay: Mapping[str, Any], only_known: boo
     for key, value in overlay.items():
         if not only_known or re.split(r"#|::", key.lstrip("+"))[0] in content:
             try:
-                _set(content, key, value)
+                set_config_key(content, key, value)
             except (KeyError, IndexError, ValueError, TypeError):
                 raise ValueError(f"preset overlay entry {key!r} does not fit {path}") from None
     return content

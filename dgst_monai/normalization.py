@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "INTENSITY_STATISTICS",
     "NORMALIZATION_FILE",
     "foreground_sample",
+    "intensity_properties",
     "intensity_properties_of",
     "load_normalization",
     "normalization_from_cases",
@@ -189,8 +190,6 @@ def normalization_from_cases(
         shots = dgst_monai.data.datalists.few_shot(training_cases, shots=1, seed=0)
         intensity = normalization_from_cases(shots)
     """
-    from dgst_monai.data.index import intensity_properties  # reads images: SimpleITK only when used
-
     if not cases:
         raise ValueError("normalization_from_cases needs at least one case with an image and a label")
     props = intensity_properties(cases, base_dir=base_dir, samples_per_case=samples_per_case, seed=seed)
@@ -299,3 +298,59 @@ def load_normalization(checkpoint: str | os.PathLike[str]) -> dict[str, float]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object with keys {_KEYS}")
     return _check(values, str(path))
+
+
+def intensity_properties(
+    cases: Sequence[Any],
+    base_dir: str | os.PathLike[str] | None = None,
+    samples_per_case: int | None = DEFAULT_SAMPLES_PER_CASE,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float] | None:
+    """nnU-Net's CT fingerprint over ``cases``: percentiles 0.5 / 99.5, mean and std of labelled voxels.
+
+    Reads the image and label of exactly these cases; the statistics are
+    :func:`intensity_properties_of` of each case's :func:`foreground_sample`.
+
+    Args:
+        cases: datalist entries (``image`` / ``label`` paths, relative ones resolved against ``base_dir``) or
+            objects with ``case_id``, ``image`` and ``label`` attributes (:class:`dgst_monai.data.index.FoundCase`).
+        base_dir: folder that relative paths are relative to.
+        samples_per_case: at most this many foreground voxels per case, drawn with a generator seeded by
+            ``seed`` and the case id (None: all of them).
+        seed: sampling seed.
+        progress: called with one line per case (e.g. ``print``).
+
+    Returns:
+        The four statistics, or None when no case has a labelled voxel.
+
+    Raises:
+        ValueError: an image and its label differ in size (run ``dgst-monai data check`` first).
+
+    Example::
+
+        props = intensity_properties(load_split("datalist.json", "training"))
+    """
+    import SimpleITK as sitk
+
+    from dgst_monai.data.readers import read_image  # reads images: SimpleITK only when used
+
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    samples = []
+    for i, case in enumerate(cases):
+        if not isinstance(case, Mapping):
+            cid, image_path, label_path = case.case_id, case.image, case.label
+        else:
+            cid = case_id_of(case, i)
+            image_path, label_path = base / case["image"], base / case["label"]
+        image = sitk.GetArrayFromImage(read_image(image_path))
+        label = sitk.GetArrayFromImage(read_image(label_path))
+        if image.shape != label.shape:
+            raise ValueError(
+                f"case {cid}: image {image_path} has shape {image.shape[::-1]} but label {label_path} has "
+                f"{label.shape[::-1]}; run `dgst-monai data check` on the datalist"
+            )
+        samples.append(foreground_sample(image, label, cid, samples_per_case, seed))
+        if progress is not None:
+            progress(f"  intensity: {cid} ({samples[-1].size} foreground voxels sampled)")
+    return intensity_properties_of(samples)

@@ -33,17 +33,16 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
 
-from dgst_monai.data.cases import VOLUME_SUFFIXES, case_id_of
-from dgst_monai.data.readers import read_image
+from dgst_monai.data.cases import VOLUME_SUFFIXES
 from dgst_monai.files import atomic_write_json, read_json
-from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE, foreground_sample, intensity_properties_of
+from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE, intensity_properties
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -290,59 +289,6 @@ def _nnunet(root: Path, opts: dict[str, Any]) -> Discovery:
     if not any(c.split == "training" for c in out.cases):
         out.skipped.append((str(root), f"no imagesTr/<case>_0000{ending} with labelsTr/<case>{ending}"))
     return out
-
-
-def intensity_properties(
-    cases: Sequence[FoundCase | Mapping[str, Any]],
-    base_dir: str | os.PathLike[str] | None = None,
-    samples_per_case: int | None = DEFAULT_SAMPLES_PER_CASE,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, float] | None:
-    """nnU-Net's CT fingerprint over ``cases``: percentiles 0.5 / 99.5, mean and std of labelled voxels.
-
-    Reads the image and label of exactly these cases; the statistics are
-    :func:`dgst_monai.normalization.intensity_properties_of` of each case's
-    :func:`~dgst_monai.normalization.foreground_sample`.
-
-    Args:
-        cases: :class:`FoundCase` objects or datalist entries (``image`` / ``label`` paths, relative ones
-            resolved against ``base_dir``).
-        base_dir: folder that relative paths are relative to.
-        samples_per_case: at most this many foreground voxels per case, drawn with a generator seeded by
-            ``seed`` and the case id (None: all of them).
-        seed: sampling seed.
-        progress: called with one line per case (e.g. ``print``).
-
-    Returns:
-        The four statistics, or None when no case has a labelled voxel.
-
-    Raises:
-        ValueError: an image and its label differ in size (run ``dgst-monai data check`` first).
-
-    Example::
-
-        props = intensity_properties(load_split("datalist.json", "training"))
-    """
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    samples = []
-    for i, case in enumerate(cases):
-        if isinstance(case, FoundCase):
-            cid, image_path, label_path = case.case_id, case.image, case.label
-        else:
-            cid = case_id_of(case, i)
-            image_path, label_path = base / case["image"], base / case["label"]
-        image = sitk.GetArrayFromImage(read_image(image_path))
-        label = sitk.GetArrayFromImage(read_image(label_path))
-        if image.shape != label.shape:
-            raise ValueError(
-                f"case {cid}: image {image_path} has shape {image.shape[::-1]} but label {label_path} has "
-                f"{label.shape[::-1]}; run `dgst-monai data check` on the datalist"
-            )
-        samples.append(foreground_sample(image, label, cid, samples_per_case, seed))
-        if progress is not None:
-            progress(f"  intensity: {cid} ({samples[-1].size} foreground voxels sampled)")
-    return intensity_properties_of(samples)
 
 
 def index_dataset(

@@ -152,7 +152,7 @@ def make_splits(
     Raises:
         ValueError: duplicate case ids, too few cases, k above the training count, bad ``intensity``.
     """
-    from dgst_monai.data.index import intensity_properties  # index imports readers; keep splits light
+    from dgst_monai.normalization import intensity_properties
 
     if intensity not in ("auto", "train", "copy"):
         raise ValueError(f"intensity must be 'auto', 'train' or 'copy', got {intensity!r}")
