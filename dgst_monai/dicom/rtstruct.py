@@ -155,7 +155,6 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def structure_set(
-    mask: np.ndarray,
     series: CTSeries,
     rois: Sequence[tuple[str, np.ndarray]],
     *,
@@ -166,10 +165,9 @@ def structure_set(
     """An RT Structure Set referencing ``series``, one ROI per ``(name, mask)`` pair.
 
     Args:
-        mask: the whole mask (slices, rows, columns), only used for its shape check.
         series: the CT series the contours are drawn on (its slices, UIDs, patient and study attributes).
-        rois: (ROI name, boolean (slices, rows, columns) mask) per ROI; an empty mask gives an ROI without
-            contours.
+        rois: (ROI name, boolean (slices, rows, columns) mask on the series' grid) per ROI; an empty mask gives an
+            ROI without contours.
         series_number: the new series' number.
         software: (name, version) recorded as manufacturer model and software version.
         label: Structure Set Label.
@@ -178,8 +176,21 @@ def structure_set(
         The data set, with file meta, ready for ``save_as(path, enforce_file_format=True)``.
     """
     grid = series.grid
-    if mask.shape != (grid.shape[2], grid.shape[1], grid.shape[0]):
-        raise ValueError(f"mask shape {mask.shape} is not the series' (slices, rows, columns) {grid.shape[::-1]}")
+    for name, roi_mask in rois:
+        if roi_mask.shape != (grid.shape[2], grid.shape[1], grid.shape[0]):
+            raise ValueError(f"ROI {name!r}: mask shape {roi_mask.shape} is not the series' {grid.shape[::-1]}")
+    ds = _structure_set_header(series, series_number, software, label)
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame(series)])
+    parts = [_roi(number, name, roi_mask, series) for number, (name, roi_mask) in enumerate(rois, start=1)]
+    ds.StructureSetROISequence = DicomSequence([roi for roi, _, _ in parts])
+    ds.ROIContourSequence = DicomSequence([contour for _, contour, _ in parts])
+    ds.RTROIObservationsSequence = DicomSequence([observation for _, _, observation in parts])
+    ds.ApprovalStatus = "UNAPPROVED"
+    return ds
+
+
+def _structure_set_header(series: CTSeries, series_number: int, software: tuple[str, str], label: str) -> Dataset:
+    """File meta, SOP common, patient, study, RT series, equipment and structure set attributes."""
     now = datetime.datetime.now()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -204,18 +215,21 @@ def structure_set(
     ds.InstanceNumber = 1
     ds.StructureSetLabel = label
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    return ds
 
-    class_uids = [uid_of(h, "SOPClassUID") for h in series.headers]
-    instance_uids = series.sop_instance_uids
 
-    def image_ref(k: int) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = class_uids[k], instance_uids[k]
-        return item
+def _image_ref(series: CTSeries, k: int) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = uid_of(series.headers[k], "SOPClassUID")
+    item.ReferencedSOPInstanceUID = uid_of(series.headers[k], "SOPInstanceUID")
+    return item
 
+
+def _referenced_frame(series: CTSeries) -> Dataset:
+    """The frame of reference, study, series and every slice the contours refer to."""
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = series.uid
-    series_ref.ContourImageSequence = DicomSequence([image_ref(k) for k in range(len(series.headers))])
+    series_ref.ContourImageSequence = DicomSequence([_image_ref(series, k) for k in range(len(series.headers))])
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Study Management (the conventional class here)
     study_ref.ReferencedSOPInstanceUID = series.study_uid
@@ -223,46 +237,42 @@ def structure_set(
     frame_ref = Dataset()
     frame_ref.FrameOfReferenceUID = series.frame_of_reference_uid
     frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
+    return frame_ref
 
-    structure_rois, contours, observations = [], [], []
-    palette = [(255, 200, 0), (0, 200, 255), (255, 80, 160), (120, 255, 80), (200, 120, 255), (255, 140, 60)]
-    for number, (name, roi_mask) in enumerate(rois, start=1):
-        roi = Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
-        roi.ROIName = name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        structure_rois.append(roi)
-        roi_contour = Dataset()
-        roi_contour.ROIDisplayColor = list(palette[(number - 1) % len(palette)])
-        roi_contour.ReferencedROINumber = number
-        items = []
-        for k in np.flatnonzero(roi_mask.reshape(roi_mask.shape[0], -1).any(axis=1)):
-            for poly in _contours(roi_mask[k]):
-                points = grid.to_world(np.column_stack([poly, np.full(len(poly), float(k))]))
-                item = Dataset()
-                item.ContourImageSequence = DicomSequence([image_ref(int(k))])
-                item.ContourGeometricType = "CLOSED_PLANAR"
-                item.NumberOfContourPoints = len(points)
-                item.ContourNumber = len(items) + 1
-                item.ContourData = [f"{v:.4f}" for v in points.ravel()]
-                items.append(item)
-        if items:
-            roi_contour.ContourSequence = DicomSequence(items)
-        contours.append(roi_contour)
-        observation = Dataset()
-        observation.ObservationNumber = number
-        observation.ReferencedROINumber = number
-        observation.RTROIInterpretedType = "ORGAN"
-        observation.ROIInterpreter = ""
-        observation.RTROIIdentificationCodeSequence = DicomSequence([_code("59441001", "SCT", "Lymph node")])
-        observations.append(observation)
-    ds.StructureSetROISequence = DicomSequence(structure_rois)
-    ds.ROIContourSequence = DicomSequence(contours)
-    ds.RTROIObservationsSequence = DicomSequence(observations)
-    ds.ApprovalStatus = "UNAPPROVED"
-    return ds
+
+_PALETTE = ((255, 200, 0), (0, 200, 255), (255, 80, 160), (120, 255, 80), (200, 120, 255), (255, 140, 60))
+
+
+def _roi(number: int, name: str, roi_mask: np.ndarray, series: CTSeries) -> tuple[Dataset, Dataset, Dataset]:
+    """One ROI's structure-set item, contour item (closed planar contours per slice) and observation item."""
+    roi = Dataset()
+    roi.ROINumber = number
+    roi.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
+    roi.ROIName = name
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi_contour = Dataset()
+    roi_contour.ROIDisplayColor = list(_PALETTE[(number - 1) % len(_PALETTE)])
+    roi_contour.ReferencedROINumber = number
+    items = []
+    for k in np.flatnonzero(roi_mask.reshape(roi_mask.shape[0], -1).any(axis=1)):
+        for poly in _contours(roi_mask[k]):
+            points = series.grid.to_world(np.column_stack([poly, np.full(len(poly), float(k))]))
+            item = Dataset()
+            item.ContourImageSequence = DicomSequence([_image_ref(series, int(k))])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourNumber = len(items) + 1
+            item.ContourData = [f"{v:.4f}" for v in points.ravel()]
+            items.append(item)
+    if items:
+        roi_contour.ContourSequence = DicomSequence(items)
+    observation = Dataset()
+    observation.ObservationNumber = number
+    observation.ReferencedROINumber = number
+    observation.RTROIInterpretedType = "ORGAN"
+    observation.ROIInterpreter = ""
+    observation.RTROIIdentificationCodeSequence = DicomSequence([_code("59441001", "SCT", "Lymph node")])
+    return roi, roi_contour, observation
 
 
 #: Patient and study attributes copied from the source; Type 2 ones are written empty when the source lacks them.

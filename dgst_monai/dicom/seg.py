@@ -64,36 +64,12 @@ def rasterise_segments(obj: LabelObject, numbers: Sequence[int], grid: Grid) -> 
     shared = shared_seq[0] if len(shared_seq) else None
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
     wanted = set(numbers)
-    direction = np.asarray(grid.direction)
     for f in range(n_frames):
         frame = per_frame[f] if f < len(per_frame) else None
         if kind != "LABELMAP":
             ident = _group_item(frame, shared, "SegmentIdentificationSequence")
             if ident is None or int(ident.ReferencedSegmentNumber) not in wanted:
                 continue
-        position = _group_item(frame, shared, "PlanePositionSequence")
-        orientation = _group_item(frame, shared, "PlaneOrientationSequence")
-        measures = _group_item(frame, shared, "PixelMeasuresSequence")
-        if position is None or orientation is None or measures is None:
-            problems.append(f"frame {f + 1}: no plane position, orientation or pixel spacing")
-            continue
-        cosines = np.asarray(orientation.ImageOrientationPatient, dtype=np.float64)
-        spacing = np.asarray(measures.PixelSpacing, dtype=np.float64)[::-1]  # (column spacing, row spacing)
-        if (
-            np.abs(cosines[:3] - direction[:, 0]).max() > 1e-4
-            or np.abs(cosines[3:] - direction[:, 1]).max() > 1e-4
-            or np.abs(spacing - np.asarray(grid.spacing[:2])).max() > 1e-3 * max(grid.spacing[:2])
-        ):
-            problems.append(
-                f"frame {f + 1}: orientation {cosines.round(4).tolist()} and pixel spacing {spacing.tolist()} are "
-                f"not the CT's ({direction[:, :2].T.ravel().round(4).tolist()}, {list(grid.spacing[:2])})"
-            )
-            continue
-        c0, r0, k = grid.to_index(np.asarray(position.ImagePositionPatient, dtype=np.float64)[None])[0]
-        ci, ri, ki = round(c0), round(r0), round(k)
-        if max(abs(c0 - ci), abs(r0 - ri), abs(k - ki)) > GRID_TOLERANCE:
-            problems.append(f"frame {f + 1}: not on the CT's voxel grid (voxel index {c0:.2f}, {r0:.2f}, {k:.2f})")
-            continue
         values = pixels[f]
         if kind == "FRACTIONAL":
             on = values.astype(np.float64) * 2 >= float(ds.get("MaximumFractionalValue", 255))
@@ -101,23 +77,46 @@ def rasterise_segments(obj: LabelObject, numbers: Sequence[int], grid: Grid) -> 
             on = np.isin(values, list(wanted))
         else:
             on = values > 0
-        if not on.any():
-            continue
-        fr, fc = on.shape
-        if not (0 <= ki < slices and ri >= 0 and ci >= 0 and ri + fr <= rows and ci + fc <= cols):
-            if not (0 <= ki < slices):
-                problems.append(f"frame {f + 1}: outside the CT (slice {ki} of {slices})")
-                continue
-            # a frame larger than the CT is fine where its segment stays inside
-            rr, cc = np.nonzero(on)
-            rr, cc = rr + ri, cc + ci
-            if rr.min() < 0 or cc.min() < 0 or rr.max() >= rows or cc.max() >= cols:
-                problems.append(f"frame {f + 1}: segment voxels outside the CT's {cols} x {rows} slice")
-                continue
-            mask[ki, rr, cc] = True
-            continue
-        mask[ki, ri : ri + fr, ci : ci + fc] |= on
+        problem = _place_frame(on, frame, shared, grid, mask)
+        if problem:
+            problems.append(f"frame {f + 1}: {problem}")
     return mask.astype(np.uint8), _summarised(problems)
+
+
+def _place_frame(on: np.ndarray, frame: Dataset | None, shared: Dataset | None, grid: Grid, mask: np.ndarray) -> str:
+    """OR one frame's segment voxels into ``mask`` at the CT voxels its plane position maps to; or say why not."""
+    position = _group_item(frame, shared, "PlanePositionSequence")
+    orientation = _group_item(frame, shared, "PlaneOrientationSequence")
+    measures = _group_item(frame, shared, "PixelMeasuresSequence")
+    if position is None or orientation is None or measures is None:
+        return "no plane position, orientation or pixel spacing"
+    direction = np.asarray(grid.direction)
+    cosines = np.asarray(orientation.ImageOrientationPatient, dtype=np.float64)
+    spacing = np.asarray(measures.PixelSpacing, dtype=np.float64)[::-1]  # (column spacing, row spacing)
+    if (
+        np.abs(cosines[:3] - direction[:, 0]).max() > 1e-4
+        or np.abs(cosines[3:] - direction[:, 1]).max() > 1e-4
+        or np.abs(spacing - np.asarray(grid.spacing[:2])).max() > 1e-3 * max(grid.spacing[:2])
+    ):
+        return (
+            f"orientation {cosines.round(4).tolist()} and pixel spacing {spacing.tolist()} are not the CT's "
+            f"({direction[:, :2].T.ravel().round(4).tolist()}, {list(grid.spacing[:2])})"
+        )
+    c0, r0, k = grid.to_index(np.asarray(position.ImagePositionPatient, dtype=np.float64)[None])[0]
+    ci, ri, ki = round(c0), round(r0), round(k)
+    if max(abs(c0 - ci), abs(r0 - ri), abs(k - ki)) > GRID_TOLERANCE:
+        return f"not on the CT's voxel grid (voxel index {c0:.2f}, {r0:.2f}, {k:.2f})"
+    if not on.any():
+        return ""
+    slices, rows, cols = mask.shape
+    if not 0 <= ki < slices:
+        return f"outside the CT (slice {ki} of {slices})"
+    rr, cc = np.nonzero(on)
+    rr, cc = rr + ri, cc + ci  # a frame larger than the CT is fine where its segment stays inside
+    if rr.min() < 0 or cc.min() < 0 or rr.max() >= rows or cc.max() >= cols:
+        return f"segment voxels outside the CT's {cols} x {rows} slice"
+    mask[ki, rr, cc] = True
+    return ""
 
 
 def _summarised(problems: list[str]) -> list[str]:

@@ -200,6 +200,6 @@ def mask_to_dicom(
         )
         if not rois:  # split_nodes on an empty mask: still one (empty) ROI
             rois = [(roi_name, voxels)]
-        ds = structure_set(voxels, ct, rois, series_number=number + RTSTRUCT_SERIES_OFFSET, software=software)
+        ds = structure_set(ct, rois, series_number=number + RTSTRUCT_SERIES_OFFSET, software=software)
         result.files["rtstruct"] = save_dicom(ds, out_dir / f"{stem}_rtstruct.dcm")
     return result
