@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 OUR_MANUFACTURER = "dgst-monai"
 _UID = "0020000E"  # SeriesInstanceUID in DICOM JSON
 _STUDY = "0020000D"
-_MODALITY = "00080060"
 
 
 def _value(item: dict[str, Any], tag: str) -> str:
