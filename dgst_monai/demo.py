@@ -134,8 +134,15 @@ def run_demo(
         **common,
     )
     rows: dict[str, dict[str, Any]] = {}
-    step("evaluating the foundation model on the target domain (no adaptation)")
-    rows["foundation (no fine-tuning)"] = _evaluate(bundle, preset_configs, target, foundation, common)
+    retained: dict[str, dict[str, Any]] = {}
+
+    def evaluate(name: str, ckpt_dir: Path) -> None:
+        """Score a model on the held-out target cases and on the held-out source cases (what it retained)."""
+        rows[name] = _evaluate(bundle, preset_configs, target, ckpt_dir, common, ckpt_dir / "eval")
+        retained[name] = _evaluate(bundle, preset_configs, source, ckpt_dir, common, ckpt_dir / "eval_source")
+
+    step("evaluating the foundation model on the held-out target and source cases (no adaptation)")
+    evaluate("foundation (no fine-tuning)", foundation)
     for method in methods:
         tuned = run_dir / f"finetune_{method}"
         step(f"fine-tuning with {method} on {shots} target cases ({p.finetune_epochs} epochs)")
@@ -150,25 +157,36 @@ def run_demo(
             max_epochs=p.finetune_epochs,
             **common,
         )
-        step(f"evaluating {method} on the held-out target cases")
-        rows[f"{method} ({shots}-shot)"] = _evaluate(bundle, preset_configs, target, tuned, common)
-    (run_dir / "results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        step(f"evaluating {method} on the held-out target and source cases")
+        evaluate(f"{method} ({shots}-shot)", tuned)
+    results = {"target": rows, "source_retained": retained}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     step("done")
-    print(format_table(rows))
+    print(format_table(rows, retained))
     return rows
 
 
-def _evaluate(bundle: Path, configs: list[str], datalist: str, ckpt_dir: Path, common: dict[str, Any]) -> dict:
-    run_bundle(bundle, [*configs, "evaluate.json"], datalist=datalist, ckpt_dir=str(ckpt_dir), **common)
-    return json.loads((ckpt_dir / "eval" / "summary.json").read_text(encoding="utf-8"))
+def _evaluate(
+    bundle: Path, configs: list[str], datalist: str, ckpt_dir: Path, common: dict[str, Any], output_dir: Path
+) -> dict:
+    run_bundle(bundle, [*configs, "evaluate.json"], datalist=datalist, ckpt_dir=str(ckpt_dir),
+               output_dir=str(output_dir), **common)
+    return json.loads((output_dir / "summary.json").read_text(encoding="utf-8"))
 
 
-def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    """A text table of DSC and NSD@1mm (mean +- std, in %) per row."""
-    lines = [f"{'model':32s} {'DSC %':>16s} {'NSD@1mm %':>16s} {'cases':>6s}"]
+def format_table(rows: dict[str, dict[str, Any]], retained: dict[str, dict[str, Any]] | None = None) -> str:
+    """A text table per model: target DSC and NSD@1mm (mean +- std, in %) and, beside them, the DSC it retains on
+    the held-out source (head-and-neck) cases: adaptation against forgetting."""
+    def cell(summary: dict[str, Any], key: str) -> str:
+        return f"{100 * summary[key]['mean']:6.2f} +- {100 * summary[key]['std']:5.2f}"
+
+    header = f"{'model':32s} {'target DSC %':>16s} {'target NSD@1mm %':>17s} {'cases':>6s}"
+    lines = [header + (f" {'source DSC % (retained)':>24s} {'cases':>6s}" if retained else "")]
     for name, summary in rows.items():
-        cells = [f"{100 * summary[k]['mean']:6.2f} +- {100 * summary[k]['std']:5.2f}" for k in ("dice", "nsd_1mm")]
-        lines.append(f"{name:32s} {cells[0]:>16s} {cells[1]:>16s} {summary['n_cases']:>6d}")
+        line = f"{name:32s} {cell(summary, 'dice'):>16s} {cell(summary, 'nsd_1mm'):>17s} {summary['n_cases']:>6d}"
+        if retained and name in retained:
+            line += f" {cell(retained[name], 'dice'):>24s} {retained[name]['n_cases']:>6d}"
+        lines.append(line)
     return "\n".join(lines)
 
 

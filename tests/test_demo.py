@@ -38,8 +38,15 @@ def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
     assert int(changed_dgst.max()) <= 3  # tiny preset: 3 optimizer steps, gamma 1
     assert int(changed_dgst.sum()) > 0
 
-    assert "DSC %" in capsys.readouterr().out
-    assert (tmp_path / "results.json").is_file()
+    table = capsys.readouterr().out
+    assert "target DSC %" in table and "source DSC % (retained)" in table
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert list(results["source_retained"]) == list(rows)  # every model also scored on the held-out source cases
+    source_test = json.loads((tmp_path / "data/hn/datalist.json").read_text(encoding="utf-8"))["test"]
+    for name, summary in results["source_retained"].items():
+        assert 0.0 <= summary["dice"]["mean"] <= 1.0 and summary["n_cases"] == len(source_test), name
+    with open(tmp_path / "finetune_full/eval_source/per_case_metrics.csv", encoding="utf-8") as f:
+        assert sorted(r["case_id"] for r in csv.DictReader(f)) == sorted(c["case_id"] for c in source_test)
     print(f"tiny demo: {elapsed:.0f} s")  # acceptance: under 2 minutes (measured, not asserted: see pytest -s)
 
 

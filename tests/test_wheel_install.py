@@ -100,7 +100,7 @@ def test_installed_package_runs_demo_and_cards_outside_the_checkout(venv, tmp_pa
     assert [line.split(maxsplit=1) for line in cards] == [[name, titles[name]] for name in sorted(titles)]
 
     _run(venv, tmp_path, "dgst-monai", "demo", "--preset", "tiny", "--shots", "2", "--output", "demo", timeout=900)
-    rows = json.loads((tmp_path / "demo" / "results.json").read_text(encoding="utf-8"))
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text(encoding="utf-8"))["target"]
     assert list(rows) == ["foundation (no fine-tuning)", "full (2-shot)", "dgst (2-shot)"]
     assert all(0.0 <= row["dice"]["mean"] <= 1.0 for row in rows.values())
     assert {p: p.stat().st_mtime_ns for p in bundles.rglob("*") if "__pycache__" not in p.parts} == installed
