@@ -88,7 +88,7 @@ class LymphNodeApp(MONAILabelApp):
         store = datastore or self.datastore()
         image = request.get("image")
         result = super().infer(request, datastore)
-        if isinstance(store, PacsDatastore) and isinstance(image, str) and not os.path.exists(image):
+        if isinstance(store, PacsDatastore) and isinstance(image, str) and image and not os.path.exists(image):
             stored = store.store_result(image, result["file"], request.get("store_format"))
             result["params"] = {**(result.get("params") or {}), "stored": stored}
         return result
