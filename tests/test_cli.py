@@ -104,6 +104,8 @@ def test_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch, p
         ["demo", "--help"],
         ["benchmark", "--output", "runs/b", "--shots", "5,10", "--methods", "full,dgst", "--threads", "1"],
         ["benchmark", "report", "runs/b"],
+        ["benchmark", "report", "runs/b", "--reference", "dgst"],
+        ["benchmark", "--output", "runs/b", "--methods", "full,dgst,bias_norm_head", "--reference", "bias_norm_head"],
     ],
 )
 def test_command_lines_as_documented_pass_the_check(argv):

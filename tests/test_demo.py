@@ -57,7 +57,7 @@ def test_each_preset_brings_shots_that_fit_and_a_bad_combination_is_one_line(tmp
     from dgst_monai.demo import PRESETS
 
     for preset in PRESETS.values():
-        assert 1 <= preset.shots <= preset.target_cases - max(1, round(0.2 * preset.target_cases))
+        assert 0 < preset.shots <= preset.target_cases - max(1, round(0.2 * preset.target_cases))
     with pytest.raises(SystemExit):
         main(["demo", "--preset", "tiny", "--shots", "5", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()

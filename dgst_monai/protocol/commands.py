@@ -52,6 +52,7 @@ class BenchmarkCommands:
         keep_checkpoints: bool = False,
         threads: int | None = None,
         progress: bool = True,
+        reference: str = "full",
     ) -> str:
         """Run every cell of the grid that has no result in ``--output`` yet (a rerun resumes), then write the report.
 
@@ -86,6 +87,8 @@ class BenchmarkCommands:
             keep_checkpoints: keep the cells' checkpoints.
             threads: intra-op threads per cell process (default: torch's); the same for every cell of a run.
             progress: show the progress bars.
+            reference: the method the report compares every other with, pair by pair (bootstrap interval,
+                Wilcoxon p).
 
         Returns:
             The path of the report.
@@ -99,7 +102,7 @@ class BenchmarkCommands:
                 max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch, target=str(target),
                 synthetic=str(synthetic), cache=cache, pretrain_epochs=pretrain_epochs, bundle=str(bundle),
                 executor=str(executor), slurm=slurm, keep_checkpoints=keep_checkpoints, threads=threads,
-                progress=progress, command=_command_line(),
+                progress=progress, command=_command_line(), reference=str(reference),
             )
         )
 

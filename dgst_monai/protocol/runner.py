@@ -206,6 +206,7 @@ def run_benchmark(
     progress: bool = True,
     report: bool = True,
     command: str | None = None,
+    reference: str = "full",
 ) -> Path:
     """Run every cell of the grid that has no result yet, then write the report.
 
@@ -237,6 +238,7 @@ def run_benchmark(
         threads: intra-op threads of each cell's process (default: torch's, the number of cores). Timings
             depend on it (and, in the last bits, results may too), so give every cell of a run the same.
         progress: show the progress bars.
+        reference: the method the report compares every other with, pair by pair (default ``full``).
         report: write the report at the end.
         command: the command line that started the run, recorded in ``benchmark.json`` and the report.
 
@@ -358,7 +360,7 @@ def run_benchmark(
     if report:
         from dgst_monai.protocol.report import write_report
 
-        result = write_report(out)
+        result = write_report(out, reference=reference)
         _say(f"report: {result}")
     if failures:
         raise BenchmarkError(
