@@ -63,3 +63,37 @@ def test_a_written_multisite_set_has_each_cases_own_geometry(tmp_path):
 def test_unknown_sets_are_refused():
     with pytest.raises(ValueError, match="unknown benchmark set"):
         target_spec("multi-site")
+
+
+def test_site_shift_draws_shots_from_one_scanner_and_tests_on_many(tmp_path):
+    path = benchmark_datalist(tmp_path / "shift", "site_shift", n=6, fov_mm=(64.0, 64.0, 32.0))
+    content = json.loads(open(path, encoding="utf-8").read())
+    training, test = content["training"], content["test"]
+    assert len(training) == 3 and len(test) == 3 and "intensity_properties" in content
+    card = target_spec("site_shift")["lists"]
+    scanner = card["training"]["knobs"]
+    for case in training:  # one scanner: the card's fixed knobs, voxel size read from the written file
+        knobs = content["case_knobs"][case["case_id"]]
+        assert {k: knobs[k] for k in ("noise_sigma", "recon_kernel", "contrast_phase")} == {
+            k: scanner[k] for k in ("noise_sigma", "recon_kernel", "contrast_phase")}
+        np.testing.assert_allclose(nib.load(tmp_path / "shift" / case["image"]).header.get_zooms(),
+                                   scanner["spacing_mm"], rtol=1e-5)
+    test_knobs = [content["case_knobs"][c["case_id"]] for c in test]
+    assert len({k["noise_sigma"] for k in test_knobs}) == 3  # each test case its own scanner
+    first = card["test"]["first_index"]
+    assert [c["case_id"] for c in test] == [f"site_shift_{first + i:04d}" for i in range(3)]
+    # the test cases are the multisite target's draws for those case indices (other patients than the shots')
+    multisite = target_spec("multisite")
+    assert test_knobs[0]["noise_sigma"] == pytest.approx(case_knobs(multisite, first)["noise_sigma"])
+    assert not {c["case_id"] for c in training} & {c["case_id"] for c in test}
+
+
+def test_the_source_test_set_holds_unseen_source_patients_as_test_cases(tmp_path):
+    source = json.loads(open(benchmark_datalist(tmp_path / "src", "source", n=2, fov_mm=(64.0, 64.0, 32.0))).read())
+    held = json.loads(open(benchmark_datalist(tmp_path / "held", "source_test", n=2, fov_mm=(64.0, 64.0, 32.0))).read())
+    assert held["training"] == [] and len(held["test"]) == 2 and held["domain"] == source["domain"] == "hn"
+    assert "intensity_properties" not in held  # a test-only set shapes no normalisation
+    assert not set(held["case_seeds"].values()) & set(source["case_seeds"].values())  # other patients
+    first_src = nib.load(tmp_path / "src" / source["training"][0]["image"]).get_fdata()
+    first_held = nib.load(tmp_path / "held" / held["test"][0]["image"]).get_fdata()
+    assert first_src.shape == first_held.shape and not np.array_equal(first_src, first_held)
