@@ -57,7 +57,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dgst's helpers, whatever the working directory
 import bench_dgst  # noqa: E402
-from bench_dgst import log, maxrss_kib, median, reset_peak_rss, rss_kib, write_results  # noqa: E402
+from bench_dgst import log, median, write_results  # noqa: E402
+
+from dgst_monai.memory import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 PHASES = ("inference", "train")
@@ -130,13 +132,13 @@ class Timed:
 
     def __call__(self, fn: Callable[[], Any]) -> tuple[Any, float, dict[str, float]]:
         self.can_reset = reset_peak_rss()
-        before = rss_kib()
+        before = rss_mb()
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
-        peak = maxrss_kib()
-        return out, seconds, {"rss_before_mib": before / 1024, "peak_mib": peak / 1024,
-                              "peak_growth_mib": (peak - before) / 1024 if self.can_reset else float("nan")}
+        peak = peak_rss_mb()
+        return out, seconds, {"rss_before_mib": before, "peak_mib": peak,
+                              "peak_growth_mib": peak - before if self.can_reset else float("nan")}
 
 
 def run_case(args: argparse.Namespace, phase: str, precision: str, plan: Any) -> dict[str, Any]:

@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 from dgst_monai import DGSTHandler
+from dgst_monai.memory import peak_rss_mb, reset_peak_rss, rss_mb
 from dgst_monai.networks import DynUNetPlan, plan_preset
 from dgst_monai.sparsity import GradientSelector, SparseUpdate
 
@@ -309,44 +309,6 @@ class ModeTrainer:
         return self.times[-1]
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def rss_kib() -> int:
-    return _status_kib("VmRSS")
-
-
-def maxrss_kib() -> int:
-    """Peak RSS of this process's own address space (``VmHWM``).
-
-    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: across ``exec`` that keeps the high-water mark of the forked parent's
-    address space, so a subprocess started by a big benchmark process would report the parent's peak.
-    """
-    try:
-        return _status_kib("VmHWM")
-    except (OSError, RuntimeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS to its current RSS (Linux >= 4.0: ``5`` to ``/proc/self/clear_refs``).
-
-    Without it the peak of importing torch/MONAI and building the network (which exceeds a small network's
-    training peak) would hide the training peak. Resets ``VmHWM``.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -524,20 +486,20 @@ def memory_worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     trainer = ModeTrainer(args, mode, build_network(args), make_batch(args), iterations=args.memory_iterations)
     gc.collect()
-    out: dict[str, Any] = {"mode": mode.name, "maxrss_setup_kib": maxrss_kib()}  # imports and set-up
-    per_iteration: list[int] = []
+    out: dict[str, Any] = {"mode": mode.name, "peak_setup_mib": peak_rss_mb()}  # imports and set-up
+    per_iteration: list[float] = []
 
     def started(engine: Engine) -> None:  # after the handler's set-up, before the first iteration
         gc.collect()
         out["peak_reset"] = reset_peak_rss()
-        out["rss_before_kib"], out["maxrss_before_kib"] = rss_kib(), maxrss_kib()
+        out["rss_before_mib"], out["peak_before_mib"] = rss_mb(), peak_rss_mb()
 
     trainer.trainer.add_event_handler(Events.STARTED, started)
-    trainer.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: per_iteration.append(maxrss_kib()))
+    trainer.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: per_iteration.append(peak_rss_mb()))
     trainer.trainer.run()
-    out["maxrss_after_kib"] = maxrss_kib()
-    out["maxrss_per_iteration_kib"] = per_iteration
-    out["peak_growth_kib"] = out["maxrss_after_kib"] - out["rss_before_kib"]
+    out["peak_mib"] = peak_rss_mb()
+    out["peak_per_iteration_mib"] = per_iteration
+    out["peak_growth_mib"] = out["peak_mib"] - out["rss_before_mib"]
     return out
 
 
@@ -575,13 +537,13 @@ def bench_memory_with(args: argparse.Namespace, modes: list[Mode], allocator: st
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         out[m.name] = res
         log(
-            f"[memory {allocator}] {m.name:<18} peak growth {res['peak_growth_kib'] / 1024:8.1f} MiB "
-            f"(peak RSS {res['maxrss_after_kib'] / 1024:.1f} MiB, {time.perf_counter() - t0:.0f} s)"
+            f"[memory {allocator}] {m.name:<18} peak growth {res['peak_growth_mib']:8.1f} MiB "
+            f"(peak RSS {res['peak_mib']:.1f} MiB, {time.perf_counter() - t0:.0f} s)"
         )
     if "full" in out:
         for res in out.values():
-            res["growth_ratio_to_full"] = res["peak_growth_kib"] / out["full"]["peak_growth_kib"]
-            res["peak_ratio_to_full"] = res["maxrss_after_kib"] / out["full"]["maxrss_after_kib"]
+            res["growth_ratio_to_full"] = res["peak_growth_mib"] / out["full"]["peak_growth_mib"]
+            res["peak_ratio_to_full"] = res["peak_mib"] / out["full"]["peak_mib"]
     return out
 
 
@@ -630,8 +592,8 @@ def report(result: dict) -> str:
                   "| ratio to full |", "|---|---|---|---|---|"]
         for name, s in memory.items():
             lines.append(
-                f"| {name} | {s['peak_growth_kib'] / 1024:.1f} | {s.get('growth_ratio_to_full', float('nan')):.3f} | "
-                f"{s['maxrss_after_kib'] / 1024:.1f} | {s.get('peak_ratio_to_full', float('nan')):.3f} |"
+                f"| {name} | {s['peak_growth_mib']:.1f} | {s.get('growth_ratio_to_full', float('nan')):.3f} | "
+                f"{s['peak_mib']:.1f} | {s.get('peak_ratio_to_full', float('nan')):.3f} |"
             )
     return "\n".join(lines)
 

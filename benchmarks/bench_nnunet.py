@@ -55,7 +55,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dgst's helpers, whatever the working directory
-from bench_dgst import log, maxrss_kib, median, reset_peak_rss, rss_kib, write_results  # noqa: E402
+from bench_dgst import log, median, write_results  # noqa: E402
+
+from dgst_monai.memory import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundles" / "ln_ct_dynunet"
@@ -271,14 +273,14 @@ def nnunet_model_folder(plans: dict[str, Any], dataset: dict[str, Any], model_fo
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _peak(out: dict[str, Any], rss_before: int) -> None:
-    out["peak_rss_mib"] = maxrss_kib() / 1024
-    out["peak_growth_mib"] = (maxrss_kib() - rss_before) / 1024
+def _peak(out: dict[str, Any], rss_before: float) -> None:
+    out["peak_rss_mib"] = peak_rss_mb()
+    out["peak_growth_mib"] = out["peak_rss_mib"] - rss_before
 
 
-def _start_peak() -> int:
+def _start_peak() -> float:
     reset_peak_rss()
-    return rss_kib()
+    return rss_mb()
 
 
 def train_ours(spec: dict[str, Any]) -> dict[str, Any]:
@@ -333,11 +335,11 @@ def train_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     def timed_part(engine) -> None:  # after the warm-up iterations
         if engine.state.iteration == spec["warmup"]:
-            out["rss_before_kib"] = _start_peak()
+            out["rss_before_mib"] = _start_peak()
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, timed_part)
     trainer.run()
-    _peak(out, out.pop("rss_before_kib"))
+    _peak(out, out.pop("rss_before_mib"))
     out["iterations"] = iters[spec["warmup"]:]
     out["dgst_handler"] = dgst and any(type(h).__name__ == "DGSTHandler"
                                        for h in parser.get_parsed_content("train#trainer#train_handlers"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import resource
 import shutil
 import socket
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from dgst_monai.files import atomic_open, atomic_write_json, read_json
+from dgst_monai.memory import peak_rss_mb
 from dgst_monai.protocol.grid import FOUNDATION, Cell, method_label
 from dgst_monai.protocol.handlers import CheckpointsAt, write_progress
 
@@ -46,12 +46,6 @@ WORK = "work"
 def is_finished(cell_dir: str | os.PathLike[str]) -> bool:
     """Whether the cell in ``cell_dir`` has its result."""
     return (Path(cell_dir) / RESULT_FILE).is_file()
-
-
-def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
 def _run_bundle(bundle: str, configs: Sequence[str], overrides: Mapping[str, Any]) -> None:
@@ -251,7 +245,7 @@ def run_cell(cell_dir: str | os.PathLike[str]) -> dict[str, Any]:
         train_wall = time.perf_counter() - t0
         timing = read_json(work / "timing.json", "iteration timing")
         checkpoints = [(i, CheckpointsAt.path(ckpt_dir, i)) for i in eval_at] + [(total, ckpt_dir / "model.pt")]
-    peak_train = _peak_rss_mb()
+    peak_train = peak_rss_mb()
 
     t0 = time.perf_counter()
     per_case: list[dict[str, Any]] = []
@@ -294,7 +288,7 @@ def run_cell(cell_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "cell_cpu_s": time.process_time() - cpu_started,
         },
         "parameters": parameters,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "peak_rss_mb_train": peak_train,
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -355,7 +349,7 @@ def pretrain(folder: str | os.PathLike[str]) -> Path:
     )
     t0 = time.perf_counter()
     _run_bundle(spec["bundle"], [*spec["configs"], str(overlay)], {**spec["overrides"], "ckpt_dir": str(root)})
-    atomic_write_json(root / "done.json", {"wall_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()})
+    atomic_write_json(root / "done.json", {"wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
     return root / "model.pt"
 
 
