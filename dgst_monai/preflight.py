@@ -204,10 +204,13 @@ def check_output_folder(folder: str | os.PathLike[str], min_free_gb: float = 1.0
     return str(path)
 
 
-def check_data(datalist: str | os.PathLike[str], out_channels: int, in_channels: int = 1) -> str:
+def check_data(
+    datalist: str | os.PathLike[str], out_channels: int, in_channels: int = 1, split: str = "training"
+) -> str:
     """Check a datalist before a bundle run: ``dgst-monai data check --quick`` (entries, files, headers, geometry,
     file integrity), label classes that fit the network's ``out_channels`` and images that fit its
-    ``in_channels`` (the data check admits single-channel 3-D volumes only, one image per case).
+    ``in_channels`` (the data check admits single-channel 3-D volumes only, one image per case); ``split`` is
+    the list the run reads, which must hold cases (``test`` for an evaluation).
 
     Returns:
         The datalist, for use in a config expression.
@@ -218,7 +221,7 @@ def check_data(datalist: str | os.PathLike[str], out_channels: int, in_channels:
     from dgst_monai.data.validate import check_datalist, format_problems
 
     path = Path(datalist)
-    problems = check_datalist(path, voxels=False)
+    problems = check_datalist(path, voxels=False, required=split)
     if problems:
         _fail(
             f"the datalist {path} has problems; fix them (dgst-monai data check --datalist {path} reads the voxels "

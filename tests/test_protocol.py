@@ -58,7 +58,7 @@ def test_every_cell_is_scored_on_the_whole_test_split(tiny_run):
     splits = json.loads((tiny_run / "splits.json").read_text(encoding="utf-8"))
     test_ids = sorted(c["case_id"] for c in splits["test"])
     assert len(test_ids) == 2 and len(splits["training"]) == 8  # the seeded 8:2 split of 10 target cases
-    rows = read_rows(tiny_run / "per_case.csv")
+    rows = [r for r in read_rows(tiny_run / "per_case.csv") if r["domain"] == "target"]
     scored = {(r["cell"], r["iteration"]): sorted(x["case_id"] for x in rows if (x["cell"], x["iteration"]) ==
                                                   (r["cell"], r["iteration"])) for r in rows}
     # the final checkpoint (2) of each method, its budget checkpoint (1), and the foundation (0)
@@ -70,10 +70,30 @@ def test_every_cell_is_scored_on_the_whole_test_split(tiny_run):
         assert int(float(r["gt_nodes"])) >= 1 and float(r["detected"]) <= float(r["gt_nodes"])
 
 
+def test_every_final_checkpoint_is_also_scored_on_the_held_out_source_cases(tiny_run):
+    state = json.loads((tiny_run / "benchmark.json").read_text(encoding="utf-8"))
+    source_ids = sorted(c["case_id"] for c in json.loads(
+        Path(state["protocol"]["source_test"]).read_text(encoding="utf-8"))["test"])
+    assert len(source_ids) == 2 and all(i.startswith("source_test_") for i in source_ids)
+    rows = [r for r in read_rows(tiny_run / "per_case.csv") if r["domain"] == "source"]
+    scored = {(r["cell"], r["iteration"]) for r in rows}
+    # the final checkpoint only (not the budget one), and the foundation itself
+    assert sorted(scored) == [("dgst_1shot_seed0_gamma1", "2"), ("foundation", "0"), ("full_1shot_seed0", "2")]
+    for cell in ("foundation", "full_1shot_seed0"):
+        assert sorted(r["case_id"] for r in rows if r["cell"] == cell) == source_ids
+    full = json.loads((tiny_run / "cells/full_1shot_seed0/result.json").read_text(encoding="utf-8"))
+    assert full["source_retained"]["n_cases"] == 2
+    assert full["source_retained"]["dice"]["mean"] == pytest.approx(
+        sum(float(r["dice"]) for r in rows if r["cell"] == "full_1shot_seed0") / 2)
+    report = (tiny_run / "report.md").read_text(encoding="utf-8")
+    assert "| Method | 1-shot | retained 1-shot |" in report
+    assert "## Adaptation against forgetting" in report and (tiny_run / "tradeoff.png").stat().st_size > 5000
+
+
 def test_the_budget_checkpoint_differs_from_the_final_one(tiny_run):
     rows = read_rows(tiny_run / "per_case.csv")
     full = {r["iteration"]: [float(x["dice"]) for x in rows if x["cell"] == r["cell"] and x["iteration"] ==
-                             r["iteration"]] for r in rows if r["cell"] == "full_1shot_seed0"}
+                             r["iteration"] and x["domain"] == "target"] for r in rows if r["cell"] == "full_1shot_seed0"}
     assert full["1"] != full["2"]  # two different weights were scored
 
 
@@ -94,7 +114,8 @@ def test_cells_record_cost_and_changed_entries(tiny_run):
 
 def test_report_marks_the_best_per_shot_level_and_writes_the_figures(tiny_run):
     report = (tiny_run / "report.md").read_text(encoding="utf-8")
-    summary = [r for r in read_rows(tiny_run / "summary.csv") if r["final"] == "True" and r["method"] != "foundation"]
+    summary = [r for r in read_rows(tiny_run / "summary.csv")
+               if r["final"] == "True" and r["method"] != "foundation" and r["domain"] == "target"]
     best = max(summary, key=lambda r: float(r["dice_mean"]))
     table = report.split("## Table 1: DSC (%)")[1].split("##")[0]
     bold = re.findall(r"\| (\S+) \| \*\*([\d.]+)\*\*", table)

@@ -84,6 +84,7 @@ def check_datalist(
     label_values: set[int] | None = None,
     progress: Callable[[str], None] | None = None,
     voxels: bool = True,
+    required: str = "training",
 ) -> list[Problem]:
     """All problems of all cases of every list (``training``, ``validation``, ``test``, ...) of a datalist.
 
@@ -93,6 +94,7 @@ def check_datalist(
         label_values: allowed label values; default the integer keys of the datalist's ``labels``, else {0, 1}.
         progress: called with one line per case checked.
         voxels: also read the voxel data (step 4); False checks entries, headers and file sizes only.
+        required: the list that must hold cases (``training``; ``test`` for a datalist that is only scored).
 
     Returns:
         Problems in datalist order; empty when everything is fine.
@@ -113,8 +115,8 @@ def check_datalist(
         for k, v in lists.items()
         if k in ("training", "validation", "test") or any(isinstance(e, dict) and "image" in e for e in v)
     }
-    if not lists.get("training"):
-        return [Problem("-", "-", str(path), "datalist has no (non-empty) 'training' list")]
+    if not lists.get(required):
+        return [Problem("-", "-", str(path), f"datalist has no (non-empty) {required!r} list")]
     if label_values is None:
         labels = content.get("labels")
         keys = [int(k) for k in labels if str(k).isdigit()] if isinstance(labels, dict) else []

@@ -180,8 +180,9 @@ def run_cell(cell_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     Steps: clear ``work/``; unless the cell is ``foundation``, fine-tune (``finetune.json`` with the cell's
     overrides, the iteration clock and the budget-sweep checkpoints); score each checkpoint (the budget
-    iterations, then the final ``model.pt``) with ``evaluate.json``; count trainable and changed entries; write
-    ``per_case.csv``, then ``result.json``.
+    iterations, then the final ``model.pt``) with ``evaluate.json`` on the target's test split, and the final
+    one also on the protocol's ``source_test`` set (``domain`` ``source`` in ``per_case.csv``); count trainable
+    and changed entries; write ``per_case.csv``, then ``result.json``.
 
     Args:
         cell_dir: the cell's folder.
@@ -200,84 +201,29 @@ def run_cell(cell_dir: str | os.PathLike[str]) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)  # a killed attempt leaves partial files: start over
     (folder / RESULT_FILE).unlink(missing_ok=True)
     work.mkdir(parents=True)
-    ckpt_dir = work / "models"
     progress = folder / PROGRESS_FILE
     total = 0 if cell.method == FOUNDATION else int(protocol["iterations"])
     write_progress(progress, phase="train", iteration=0, total=total)
 
-    timing: dict[str, list[float]] = {"seconds": [], "cpu_seconds": []}
-    checkpoints: list[tuple[int, Path]]
-    train_wall = 0.0
-    if cell.method == FOUNDATION:
-        checkpoints = [(0, Path(protocol["foundation"]))]
-    else:
-        eval_at = [int(i) for i in protocol["eval_at"] if int(i) < total]
-        overlay = work / "overlay_finetune.json"
-        handlers: list[dict[str, Any]] = [
-            {
-                "_target_": "dgst_monai.protocol.handlers.IterationClock",
-                "timing_path": str(work / "timing.json"),
-                "progress_path": str(progress),
-            }
-        ]
-        if eval_at:
-            handlers.append(
-                {
-                    "_target_": "dgst_monai.protocol.handlers.CheckpointsAt",
-                    "save_dir": "@ckpt_dir",
-                    "model": "@final_model",
-                    "iterations": eval_at,
-                }
-            )
-        atomic_write_json(overlay, {"+train#handlers": handlers})
-        t0 = time.perf_counter()
-        _run_bundle(
-            protocol["bundle"],
-            [*protocol["configs"], "finetune.json", str(overlay)],
-            {
-                **protocol["overrides"],
-                **cell.overrides(),
-                "datalist": protocol["datalist"],
-                "foundation_checkpoint": protocol["foundation"],
-                "ckpt_dir": str(ckpt_dir),
-            },
-        )
-        train_wall = time.perf_counter() - t0
-        timing = read_json(work / "timing.json", "iteration timing")
-        checkpoints = [(i, CheckpointsAt.path(ckpt_dir, i)) for i in eval_at] + [(total, ckpt_dir / "model.pt")]
-    peak_train = peak_rss_mb()
-
     t0 = time.perf_counter()
-    per_case: list[dict[str, Any]] = []
-    evaluations: dict[str, Any] = {}
-    for n, (iteration, checkpoint) in enumerate(checkpoints):
-        write_progress(progress, phase=f"evaluating {n + 1}/{len(checkpoints)}", iteration=total, total=total)
-        final = n == len(checkpoints) - 1
-        rows = _evaluate(
-            protocol, checkpoint, work / f"eval_it{iteration}", protocol["save_cases"] if final else (), work
-        )
-        evaluations[str(iteration)] = _summary(rows)
-        per_case += [{"iteration": iteration, **r} for r in rows]
+    checkpoints, timing = _finetune(cell, protocol, work, progress, total)
+    train_wall, peak_train = time.perf_counter() - t0, peak_rss_mb()
+    t0 = time.perf_counter()
+    per_case, evaluations = _score(protocol, checkpoints, work, progress, total)
     eval_wall = time.perf_counter() - t0
-    parameters = _parameters(protocol, cell, None if cell.method == FOUNDATION else ckpt_dir / "model.pt")
+    parameters = _parameters(protocol, cell, None if cell.method == FOUNDATION else checkpoints[-1][1])
 
     qualitative = folder / "qualitative"
     shutil.rmtree(qualitative, ignore_errors=True)
     if (work / "qualitative").is_dir():
         shutil.copytree(work / "qualitative", qualitative)
-    columns = ["cell", "method", "shots", "seed", "gamma", "iteration", *[k for k in per_case[0] if k != "iteration"]]
-    with atomic_open(folder / PER_CASE_FILE, newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(columns)
-        for row in per_case:
-            values = {"cell": cell.id, **cell.as_dict(), **row}
-            writer.writerow(["" if values[c] is None else _field(values[c]) for c in columns])
+    _write_per_case(folder / PER_CASE_FILE, cell, per_case)
     result = {
         "cell": cell.as_dict(),
         "id": cell.id,
         "label": method_label(cell.method),
         "iterations": total,
-        "evaluations": evaluations,
+        **evaluations,
         "timing": {
             "median_s_per_iteration": _median(timing["seconds"]),
             "median_cpu_s_per_iteration": _median(timing["cpu_seconds"]),
@@ -300,6 +246,89 @@ def run_cell(cell_dir: str | os.PathLike[str]) -> dict[str, Any]:
     atomic_write_json(folder / RESULT_FILE, _finite(result))
     write_progress(progress, phase="done", iteration=total, total=total)
     return result
+
+
+def _finetune(
+    cell: Cell, protocol: Mapping[str, Any], work: Path, progress: Path, total: int
+) -> tuple[list[tuple[int, Path]], dict[str, list[float]]]:
+    """Fine-tune the cell's method; returns the checkpoints to score ``[(iteration, path)]`` (the final one last)
+    and the iteration clock's timings. The foundation cell scores the foundation checkpoint itself."""
+    if cell.method == FOUNDATION:
+        return [(0, Path(protocol["foundation"]))], {"seconds": [], "cpu_seconds": []}
+    ckpt_dir = work / "models"
+    eval_at = [int(i) for i in protocol["eval_at"] if int(i) < total]
+    handlers: list[dict[str, Any]] = [
+        {
+            "_target_": "dgst_monai.protocol.handlers.IterationClock",
+            "timing_path": str(work / "timing.json"),
+            "progress_path": str(progress),
+        }
+    ]
+    if eval_at:
+        handlers.append(
+            {
+                "_target_": "dgst_monai.protocol.handlers.CheckpointsAt",
+                "save_dir": "@ckpt_dir",
+                "model": "@final_model",
+                "iterations": eval_at,
+            }
+        )
+    overlay = work / "overlay_finetune.json"
+    atomic_write_json(overlay, {"+train#handlers": handlers})
+    _run_bundle(
+        protocol["bundle"],
+        [*protocol["configs"], "finetune.json", str(overlay)],
+        {
+            **protocol["overrides"],
+            **cell.overrides(),
+            "datalist": protocol["datalist"],
+            "foundation_checkpoint": protocol["foundation"],
+            "ckpt_dir": str(ckpt_dir),
+        },
+    )
+    checkpoints = [(i, CheckpointsAt.path(ckpt_dir, i)) for i in eval_at] + [(total, ckpt_dir / "model.pt")]
+    return checkpoints, read_json(work / "timing.json", "iteration timing")
+
+
+def _score(
+    protocol: Mapping[str, Any], checkpoints: Sequence[tuple[int, Path]], work: Path, progress: Path, total: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score every checkpoint on the target's test split and the final one on the source test set (if any).
+
+    Returns:
+        The per-case rows (``iteration``, ``domain`` and the metrics) and the result's summaries:
+        ``{"evaluations": {iteration: summary}}`` plus ``"source_retained"`` (the final checkpoint's summary on
+        the source test set) when the protocol has one.
+    """
+    source_test = protocol.get("source_test")
+    runs = [(i, c, "target") for i, c in checkpoints]
+    if source_test:
+        runs.append((*checkpoints[-1], "source"))
+    per_case: list[dict[str, Any]] = []
+    summaries: dict[str, Any] = {"evaluations": {}}
+    for n, (iteration, checkpoint, domain) in enumerate(runs):
+        write_progress(progress, phase=f"evaluating {n + 1}/{len(runs)}", iteration=total, total=total)
+        final_target = domain == "target" and n == len(checkpoints) - 1
+        if domain == "target":
+            rows = _evaluate(protocol, checkpoint, work / f"eval_it{iteration}",
+                             protocol["save_cases"] if final_target else (), work)
+            summaries["evaluations"][str(iteration)] = _summary(rows)
+        else:
+            rows = _evaluate({**protocol, "datalist": source_test}, checkpoint, work / "eval_source", (), work)
+            summaries["source_retained"] = _summary(rows)
+        per_case += [{"iteration": iteration, "domain": domain, **r} for r in rows]
+    return per_case, summaries
+
+
+def _write_per_case(path: Path, cell: Cell, per_case: Sequence[Mapping[str, Any]]) -> None:
+    columns = ["cell", *cell.as_dict(), "iteration", "domain",
+               *[k for k in per_case[0] if k not in ("iteration", "domain")]]
+    with atomic_open(path, newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        for row in per_case:
+            values = {"cell": cell.id, **cell.as_dict(), **row}
+            writer.writerow(["" if values[c] is None else _field(values[c]) for c in columns])
 
 
 def _field(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""The benchmark's plots (matplotlib, PNG): DSC vs shots, gamma sensitivity, DSC vs iteration time, budget curves.
+"""The benchmark's plots (matplotlib, PNG): DSC vs shots, gamma sensitivity, DSC vs iteration time, budget curves,
+and target DSC against retained source DSC (the trade-off, with its Pareto front).
 
 Each plot is drawn only when the run has its cells; error bars are the summaries' ``dice_std`` (over test cases
 for one seed, over the seeds' means for several).
@@ -14,7 +15,7 @@ from typing import Any
 from dgst_monai.files import atomic_open
 from dgst_monai.protocol.grid import FOUNDATION
 
-__all__ = ["pyplot", "save_png", "write_plots"]
+__all__ = ["pyplot", "save_png", "write_plots", "write_tradeoff"]
 
 
 def pyplot() -> Any:
@@ -131,3 +132,38 @@ def write_plots(
             ax.grid(alpha=0.3)
         written.append(save_png(fig, out / "dsc_vs_iterations.png"))
     return written
+
+
+def write_tradeoff(out: Path, points: Sequence[Mapping[str, Any]], reference: Any = None) -> Path:
+    """Target DSC against retained source DSC, one panel per shot level, one point per configuration with its
+    bootstrap 95 % intervals on both axes; the Pareto front joined by a line (``tradeoff.png``).
+
+    Args:
+        out: run folder.
+        points: :func:`dgst_monai.protocol.report.tradeoff_points`.
+        reference: the reference configuration (drawn with a ring).
+    """
+    plt = pyplot()
+    shots = sorted({p["shots"] for p in points})
+    labels = list(dict.fromkeys(p["label"] for p in sorted(points, key=lambda p: p["label"])))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    markers = {label: "osD^vP*Xh<>"[i // 10 % 11] for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(shots), figsize=(5.5 * len(shots), 4.8), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        level = [p for p in points if p["shots"] == k]
+        for p in level:
+            (tm, tl, th), (rm, rl, rh) = p["target"], p["retained"]
+            ax.errorbar(100 * rm, 100 * tm, xerr=[[100 * (rm - rl)], [100 * (rh - rm)]],
+                        yerr=[[100 * (tm - tl)], [100 * (th - tm)]], fmt=markers[p["label"]],
+                        color=colours[p["label"]], capsize=2, ms=6 if p["variant"] != reference else 9,
+                        mfc="none" if p["variant"] == reference else colours[p["label"]], label=p["label"])
+        front = sorted((p for p in level if p["front"]), key=lambda p: p["retained"][0])
+        ax.plot([100 * p["retained"][0] for p in front], [100 * p["target"][0] for p in front], "k--", lw=1,
+                label="Pareto front")
+        ax.set(xlabel="retained source DSC (%)", ylabel="target DSC (%)", title=f"{k}-shot")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][-1].get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    fig.legend(unique.values(), unique.keys(), fontsize=7, loc="upper center", ncol=min(4, len(unique)),
+               bbox_to_anchor=(0.5, 0.0))
+    return save_png(fig, out / "tradeoff.png")

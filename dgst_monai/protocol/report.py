@@ -28,9 +28,12 @@ from typing import Any
 from dgst_monai.files import atomic_open, atomic_write, read_json
 from dgst_monai.metrics import summarize_nodes
 from dgst_monai.protocol.cell import PER_CASE_FILE, RESULT_FILE
-from dgst_monai.protocol.grid import FOUNDATION, method_label
+from dgst_monai.protocol.grid import FOUNDATION, format_lr, method_label
 
-__all__ = ["format_table", "load_results", "paired_table", "rank_marks", "summarize_cells", "write_report"]
+__all__ = [
+    "format_table", "load_results", "paired_table", "rank_marks", "summarize_cells", "tradeoff_points",
+    "variant_label", "write_report",
+]
 
 #: Summary columns of the node-level metrics (pooled over cases and seeds).
 NODE_COLUMNS = (
@@ -71,12 +74,12 @@ def summarize_cells(
     change), ``changed_fraction``, ``peak_rss_mb``, ``cell_wall_s``.
     """
     by_cell = {r["id"]: r for r in results}
-    groups: dict[tuple[str, int, Any, int], list[Mapping[str, str]]] = {}
+    groups: dict[tuple[Variant, int, int, str], list[Mapping[str, str]]] = {}
     for row in rows:
-        gamma = None if row["gamma"] == "" else int(row["gamma"])
-        groups.setdefault((row["method"], int(row["shots"]), gamma, int(row["iteration"])), []).append(row)
+        key = (variant_of(row), int(row["shots"]), int(row["iteration"]), row.get("domain") or "target")
+        groups.setdefault(key, []).append(row)
     out = []
-    for (method, shots, gamma, iteration), group in groups.items():
+    for ((method, gamma, update, lr), shots, iteration, domain), group in groups.items():
         cells = sorted({r["cell"] for r in group})
         info = [by_cell[c] for c in cells]
         summary: dict[str, Any] = {
@@ -84,6 +87,9 @@ def summarize_cells(
             "label": method_label(method),
             "shots": shots,
             "gamma": gamma,
+            "update": update,
+            "lr": lr,
+            "domain": domain,
             "iteration": iteration,
             "final": iteration == info[0]["iterations"],
             "n_seeds": len(cells),
@@ -109,8 +115,27 @@ def summarize_cells(
         out.append(summary)
     rank = {m: i for i, m in enumerate([FOUNDATION, *order])}
     out.sort(key=lambda s: (rank.get(s["method"], len(rank)), s["method"], s["shots"], s["gamma"] or 0,
-                            s["iteration"]))
+                            s["update"] or "", s["lr"] or 0.0, s["domain"] != "target", s["iteration"]))
     return out
+
+
+#: A fine-tuning configuration of the grid apart from shots and seed: ``(method, gamma, update, lr)``; update and
+#: lr are None at the bundle's defaults.
+Variant = tuple[str, Any, Any, Any]
+
+
+def variant_of(row: Mapping[str, Any]) -> Variant:
+    """The :data:`Variant` of a per-case row (columns written before ``update`` / ``lr`` existed read as defaults)."""
+    gamma, update, lr = row.get("gamma") or None, row.get("update") or None, row.get("lr") or None
+    return (row["method"], None if gamma is None else int(gamma), update, None if lr is None else float(lr))
+
+
+def variant_label(variant: Variant) -> str:
+    """A variant's name in tables and figures: the method's label with its gamma, update mode and learning rate."""
+    method, gamma, update, lr = variant
+    parts = [method_label(method), f"γ={gamma}" if gamma is not None else "", update or "",
+             f"lr {format_lr(lr)}" if lr is not None else ""]
+    return " ".join(p for p in parts if p)
 
 
 def rank_marks(values: Sequence[float | None], higher_is_better: bool = True, digits: int = 2) -> list[str]:
@@ -203,52 +228,170 @@ def _table_gamma(method: str, table_gamma: int, sparse: set[str]) -> int | None:
     return table_gamma if method in sparse else None
 
 
+def _final_scores(
+    rows: Sequence[Mapping[str, str]], metric: str = "dice", domain: str = "target"
+) -> dict[tuple[Variant, int], dict[tuple[int, str], float]]:
+    """``{(variant, shots): {(seed, case id): score}}`` of every cell's final checkpoint on ``domain``'s cases."""
+    final: dict[str, int] = {}
+    for r in rows:
+        final[r["cell"]] = max(final.get(r["cell"], 0), int(r["iteration"]))
+    scores: dict[tuple[Variant, int], dict[tuple[int, str], float]] = {}
+    for r in rows:
+        if int(r["iteration"]) == final[r["cell"]] and (r.get("domain") or "target") == domain:
+            key = (variant_of(r), int(r["shots"]))
+            scores.setdefault(key, {})[(int(r["seed"]), r["case_id"])] = _float(r[metric])
+    return scores
+
+
+def _level_scores(
+    rows: Sequence[Mapping[str, str]], metric: str, domain: str
+) -> dict[tuple[Variant, int], dict[tuple[int, str], float]]:
+    """:func:`_final_scores` with the foundation (shots 0) placed at every shot level: it is a configuration of
+    each (the one that does not fine-tune)."""
+    scores = _final_scores(rows, metric, domain)
+    levels = sorted({k for _, k in scores if k > 0})
+    for key in [key for key in scores if key[1] == 0 and levels]:
+        scores.update({(key[0], k): scores[key] for k in levels})
+        del scores[key]
+    return scores
+
+
+def _difference_text(ours: Mapping[tuple[int, str], float] | None,
+                     theirs: Mapping[tuple[int, str], float] | None) -> str:
+    """``mean [low, high], p, n`` of a paired difference in percentage points, marked where it excludes 0."""
+    from dgst_monai.protocol.statistics import paired_difference
+
+    diff = paired_difference(ours, theirs) if ours and theirs else None
+    if diff is None:
+        return ""
+    text = f"{diff.mean * 100:+.2f} [{diff.low * 100:+.2f}, {diff.high * 100:+.2f}], p {diff.p_value:.2g}, n {diff.pairs}"
+    if diff.significant:
+        text = f"**{text}**" if diff.mean > 0 else f"<ins>{text}</ins>"
+    return text
+
+
 def paired_table(
     rows: Sequence[Mapping[str, str]],
-    methods: Sequence[str],
-    reference: str,
+    methods: Sequence[str | Variant],
+    reference: str | Variant,
     shots: Sequence[int],
     gamma_of: Callable[[str], int | None],
     metric: str = "dice",
+    domain: str = "target",
 ) -> str | None:
     """Markdown table of each method's paired difference against ``reference`` per shot level (percentage points,
     bootstrap 95 % interval over seeds and test cases, Wilcoxon p); None when the reference has no cell.
 
+    ``methods`` and ``reference`` are method names (at their table gamma, ``gamma_of``, and the bundle's update
+    mode and learning rate) or :data:`Variant` tuples; ``domain`` ``source`` compares the retained source scores.
     **bold**: the interval lies above 0 (better than the reference); <ins>underlined</ins>: below 0 (worse).
     """
-    from dgst_monai.protocol.statistics import paired_difference
+    def variant(m: str | Variant) -> Variant:
+        return (m, gamma_of(m), None, None) if isinstance(m, str) else tuple(m)  # type: ignore[return-value]
 
-    final: dict[str, int] = {}
-    for r in rows:
-        final[r["cell"]] = max(final.get(r["cell"], 0), int(r["iteration"]))
-    scores: dict[tuple[str, int, int | None], dict[tuple[int, str], float]] = {}
-    for r in rows:
-        if int(r["iteration"]) != final[r["cell"]]:
-            continue
-        gamma = None if r["gamma"] == "" else int(r["gamma"])
-        scores.setdefault((r["method"], int(r["shots"]), gamma), {})[(int(r["seed"]), r["case_id"])] = _float(r[metric])
-    if not any(scores.get((reference, k, gamma_of(reference))) for k in shots):
+    scores = _final_scores(rows, metric, domain)
+    ref = variant(reference)
+    if not any(scores.get((ref, k)) for k in shots):
         return None
     header = ["Method", *[f"{k}-shot" for k in shots]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
-        if m == reference:
+        v = variant(m)
+        if v == ref:
             continue
-        cells = []
-        for k in shots:
-            ours, theirs = scores.get((m, k, gamma_of(m))), scores.get((reference, k, gamma_of(reference)))
-            diff = paired_difference(ours, theirs) if ours and theirs else None
-            if diff is None:
-                cells.append("")
-                continue
-            text = (f"{diff.mean * 100:+.2f} [{diff.low * 100:+.2f}, {diff.high * 100:+.2f}], "
-                    f"p {diff.p_value:.2g}, n {diff.pairs}")
-            if diff.significant:
-                text = f"**{text}**" if diff.mean > 0 else f"<ins>{text}</ins>"
-            cells.append(text)
+        cells = [_difference_text(scores.get((v, k)), scores.get((ref, k))) for k in shots]
         if any(cells):
-            lines.append("| " + " | ".join([method_label(m), *cells]) + " |")
+            name = method_label(v[0]) if isinstance(m, str) else variant_label(v)
+            lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
+
+
+def tradeoff_points(rows: Sequence[Mapping[str, str]], metric: str = "dice") -> list[dict[str, Any]]:
+    """Every variant and shot level scored on both the target and the source test set: target and retained means
+    with bootstrap 95 % intervals (seeds and cases resampled), and whether it lies on the Pareto front of its
+    shot level (no other point is at least as good on both and better on one).
+
+    Returns:
+        ``[{"variant", "label", "shots", "target": (mean, low, high), "retained": (mean, low, high), "front"}]``.
+    """
+    from dgst_monai.protocol.statistics import mean_interval
+
+    target, source = _level_scores(rows, metric, "target"), _level_scores(rows, metric, "source")
+    points = []
+    for key in target.keys() & source.keys():
+        t, r = mean_interval(target[key]), mean_interval(source[key])
+        if t is not None and r is not None:
+            points.append({"variant": key[0], "label": variant_label(key[0]), "shots": key[1], "target": t,
+                           "retained": r})
+    for p in points:
+        p["front"] = not any(
+            q["shots"] == p["shots"] and q is not p and q["target"][0] >= p["target"][0]
+            and q["retained"][0] >= p["retained"][0]
+            and (q["target"][0] > p["target"][0] or q["retained"][0] > p["retained"][0])
+            for q in points
+        )
+    return sorted(points, key=lambda p: (p["shots"], -p["target"][0]))
+
+
+class _Report:
+    """What the report's sections share: the run's state, summaries and the tables' method lists."""
+
+    def __init__(self, out: Path, reference: str) -> None:
+        self.state = read_json(out / "benchmark.json", "benchmark state")
+        self.results, self.rows = load_results(out)
+        if not self.results:
+            raise ValueError(f"{out}: no finished cell yet (cells/*/result.json): nothing to report")
+        self.grid, self.protocol = self.state["grid"], self.state["protocol"]
+        self.reference = reference
+        self.all = summarize_cells(self.results, self.rows, order=[*self.grid["methods"], *self.grid["ablation"]])
+        defaults = [s for s in self.all if s["update"] is None and s["lr"] is None]
+        self.summary = [s for s in defaults if s["domain"] == "target"]
+        self.get = _lookup(self.summary)
+        self.get_source = _lookup([s for s in defaults if s["domain"] == "source"])
+        self.shots = sorted({int(k) for k in self.grid["shots"]})
+        self.sparse = {r["cell"]["method"] for r in self.results if r["cell"].get("gamma") is not None}
+        self.table_gamma = int(read_json(Path(self.protocol["bundle"]) / "configs" / "finetune.json",
+                                         "finetune config")["gamma"])
+        has = self.has
+        self.methods = [m for m in self.grid["methods"] if has(m)]
+        self.ablation = [m for m in dict.fromkeys(["full", *self.grid["ablation"], "dgst"])
+                         if self.grid["ablation"] and has(m)]
+        self.retained = any(s["domain"] == "source" for s in self.all)
+
+    def gamma(self, method: str) -> int | None:
+        return _table_gamma(method, self.table_gamma, self.sparse)
+
+    def has(self, method: str) -> bool:
+        return any(self.get(method, k, self.gamma(method)) for k in self.shots)
+
+    def metric_rows(self, names: Sequence[str], key: str, std: bool = True) -> list[tuple[str, list[Any]]]:
+        """Per method, per shot level the (mean, std) of ``key``, then (with a source test set) the retained."""
+        table = []
+        for m in names:
+            lookups = [self.get, self.get_source] if self.retained and std else [self.get]
+            cells = []
+            for get in lookups:
+                for k in self.shots:
+                    s = get(m, k, self.gamma(m))
+                    cells.append((None, None) if s is None else (s[f"{key}_mean" if std else key],
+                                                                 s[f"{key}_std"] if std else None))
+            table.append((method_label(m), cells))
+        return table
+
+    def header(self, std: bool = True) -> list[str]:
+        shots = [f"{k}-shot" for k in self.shots]
+        return ["Method", *shots, *([f"retained {k}-shot" for k in self.shots] if self.retained and std else [])]
+
+    def foundation_note(self, key: str, std: bool = True, scale: float = 100.0) -> str:
+        parts = []
+        for name, get in (("", self.get), ("; retained (source test set)", self.get_source)):
+            found = get(FOUNDATION, 0, None)
+            value = None if found is None else found[f"{key}_mean" if std else key]
+            if value is None or not math.isfinite(value) or (name and not std):
+                continue
+            tail = f" ± {found[f'{key}_std'] * scale:.2f}" if std else ""
+            parts.append(f"{name}{' ' if name else ''}{value * scale:.2f}{tail}".lstrip("; "))
+        return f"\nFoundation model without fine-tuning: {'; '.join(parts)}.\n" if parts else ""
 
 
 def write_report(out: str | os.PathLike[str], reference: str = "full") -> Path:
@@ -268,136 +411,17 @@ def write_report(out: str | os.PathLike[str], reference: str = "full") -> Path:
     from dgst_monai.protocol import figure, plots
 
     out = Path(out)
-    state = read_json(out / "benchmark.json", "benchmark state")
-    results, rows = load_results(out)
-    if not results:
-        raise ValueError(f"{out}: no finished cell yet (cells/*/result.json): nothing to report")
-    grid, protocol = state["grid"], state["protocol"]
-    _write_csv(out / "per_case.csv", rows)
-    summary = summarize_cells(results, rows, order=[*grid["methods"], *grid["ablation"]])
-    _write_csv(out / "summary.csv", summary)
-
-    get = _lookup(summary)
-    shots = sorted({int(k) for k in grid["shots"]})
-    sparse = {r["cell"]["method"] for r in results if r["cell"].get("gamma") is not None}
-    table_gamma = int(read_json(Path(protocol["bundle"]) / "configs" / "finetune.json", "finetune config")["gamma"])
-    methods = [m for m in grid["methods"] if any(get(m, k, _table_gamma(m, table_gamma, sparse)) for k in shots)]
-    ablation = [m for m in dict.fromkeys(["full", *grid["ablation"], "dgst"])
-                if grid["ablation"] and any(get(m, k, _table_gamma(m, table_gamma, sparse)) for k in shots)]
-    uses_seeds = len(grid["seeds"]) > 1
-    spread = "std over the seeds' means" if uses_seeds else "std over test cases"
-    found = get(FOUNDATION, 0, None)
-    n_test = max(s["n_cases"] // s["n_seeds"] for s in summary)
-    schedule = state["schedule"]
-
-    def metric_rows(names: Sequence[str], key: str, std: bool = True) -> list[tuple[str, list[Any]]]:
-        table = []
-        for m in names:
-            cells = []
-            for k in shots:
-                s = get(m, k, _table_gamma(m, table_gamma, sparse))
-                cells.append((None, None) if s is None else (s[f"{key}_mean" if std else key],
-                                                            s[f"{key}_std"] if std else None))
-            table.append((method_label(m), cells))
-        return table
-
-    def foundation_note(key: str, std: bool = True, scale: float = 100.0) -> str:
-        if found is None:
-            return ""
-        value = found[f"{key}_mean" if std else key]
-        if value is None or not math.isfinite(value):
-            return ""
-        tail = f" ± {found[f'{key}_std'] * scale:.2f}" if std else ""
-        return f"\nFoundation model without fine-tuning: {value * scale:.2f}{tail}.\n"
-
-    shot_header = [f"{k}-shot" for k in shots]
-    lines = [
-        "# Benchmark report",
-        "",
-        f"- Target: {state['target']}; split: splits.json ({n_test} test cases, seeded 8:2).",
-        f"- Preset `{state['preset']}`; every method {schedule['max_epochs']} epochs x "
-        f"{schedule['iterations_per_epoch']} iterations = {protocol['iterations']} iterations from the same "
-        f"foundation checkpoint (sha256 {protocol['foundation_sha256'][:12]}); the final checkpoint is scored.",
-        f"- Seeds: {', '.join(map(str, grid['seeds']))}; values are mean ± {spread}, in %.",
-        f"- Cells finished: {len(results)}. Executor: {state['executor']}, threads per cell: "
-        f"{state.get('threads') or 'torch default'}."
-        + (f" Command: `{state['command']}`" if state.get("command") else ""),
-        "- Per shot level, the best value is **bold** and the second <ins>underlined</ins>.",
-        "",
-    ]
-    if methods:
-        lines += ["## Table 1: DSC (%)", "", format_table(["Method", *shot_header], metric_rows(methods, "dice")),
-                  foundation_note("dice")]
-        lines += ["## NSD at 1 mm (%)", "", format_table(["Method", *shot_header], metric_rows(methods, "nsd_1mm")),
-                  foundation_note("nsd_1mm")]
-        lines += ["## Lymph-node detection (pooled over the test cases' nodes)", ""]
-        for key, title, higher in (
-            ("node_f1", "Node F1 (%)", True),
-            ("node_recall_ge10", "Recall of nodes >= 10 mm short axis (%)", True),
-            ("node_recall_lt10", "Recall of nodes < 10 mm short axis (%)", True),
-            ("node_precision", "Node precision (%)", True),
-            ("fp_per_volume", "False-positive components per volume", False),
-            ("rel_volume_error", "Relative volume error |V_pred - V_ref| / V_ref (%)", False),
-        ):
-            scale = 1.0 if key == "fp_per_volume" else 100.0
-            table = metric_rows(methods, key, std=False)
-            if not any(mean is not None and math.isfinite(mean) for _, cells in table for mean, _ in cells):
-                continue  # e.g. no reference node of that size in the test split
-            lines += [f"### {title}", "",
-                      format_table(["Method", *shot_header], table, scale=scale, higher_is_better=higher),
-                      foundation_note(key, std=False, scale=scale)]
-    if ablation:
-        header = ["Method", *[f"DSC {k}-shot" for k in shots], "s / iteration", "trainable %", "updated / step %",
-                  "changed %", "peak RSS (GB)"]
-        table = []
-        for m in ablation:
-            s_final = [get(m, k, _table_gamma(m, table_gamma, sparse)) for k in shots]
-            cost = next(s for s in s_final if s is not None)
-            table.append((method_label(m), [
-                *[(None, None) if s is None else (s["dice_mean"], s["dice_std"]) for s in s_final],
-                (cost["median_s_per_iteration"], None), (cost["trainable_fraction"], None),
-                (cost["step_bound_fraction"], None), (cost["changed_fraction"], None), (cost["peak_rss_mb"], None),
-            ]))
-        n = len(shots)
-        lines += ["## Table 2: ablation", "",
-                  format_table(header, table, scale=[100.0] * n + [1.0, 100.0, 100.0, 100.0, 1 / 1024],
-                               digits=[2] * n + [3, 4, 4, 4, 2], ranked=[True] * n + [False] * 5),
-                  "", "s / iteration: median wall time of a training iteration (batch loading, step, selection). "
-                  "Percentages are of the foundation network's entries: trainable (requires_grad, with added "
-                  "adapter / LoRA entries), the most one step can update, and those that differ after "
-                  "fine-tuning.", ""]
-    gammas = sorted({r["cell"]["gamma"] for r in results if r["cell"]["method"] == "dgst" and r["cell"]["gamma"]})
-    if grid["gammas"] and gammas:
-        table = [(f"DGST γ = {g}", [(s["dice_mean"], s["dice_std"]) if (s := get("dgst", k, g)) else (None, None)
-                                    for k in shots]) for g in gammas]
-        lines += ["## Gamma sensitivity: DGST DSC (%)", "", format_table(["γ", *shot_header], table), ""]
-    budgets = sorted({s["iteration"] for s in summary if s["method"] != FOUNDATION})
-    if protocol["eval_at"]:
-        lines += ["## Budget sweep: DSC (%) after N iterations of the same runs", "",
-                  "The checkpoints of one run at each iteration count (the learning rate follows the whole run's "
-                  "poly schedule, so earlier checkpoints are not runs of that length).", ""]
-        swept = [m for m in dict.fromkeys(s["method"] for s in summary) if m != FOUNDATION]
-        for k in shots:
-            table = []
-            for m in swept:
-                g = _table_gamma(m, table_gamma, sparse)
-                cells = [(s["dice_mean"], s["dice_std"]) if (s := get(m, k, g, it)) else (None, None)
-                         for it in budgets]
-                if any(c[0] is not None for c in cells):
-                    table.append((method_label(m), cells))
-            lines += [f"### {k}-shot", "", format_table(["Method", *[f"{it} it" for it in budgets]], table), ""]
-    compared = [m for m in dict.fromkeys([*methods, *ablation]) if m != FOUNDATION]
-    paired = paired_table(rows, compared, reference, shots, lambda m: _table_gamma(m, table_gamma, sparse))
-    if paired is not None:
-        lines += [f"## Paired differences against {method_label(reference)}: DSC (percentage points)", "",
-                  f"Method minus {method_label(reference)} on the same test cases and seeds: mean, bootstrap 95 % "
-                  "interval (seeds and test cases resampled), Wilcoxon signed-rank p, number of pairs. **Bold**: "
-                  "the interval lies above 0; <ins>underlined</ins>: below 0; unmarked: no difference shown.", "",
-                  paired, ""]
-    lines += ["## Cost per cell", "", _cost_table(summary), ""]
-
-    figures = plots.write_plots(out, summary, grid=grid, table_gamma=table_gamma, sparse=sparse)
-    qualitative = figure.write_qualitative(out, state, table_gamma=table_gamma, sparse=sparse)
+    report = _Report(out, reference)
+    _write_csv(out / "per_case.csv", report.rows)
+    _write_csv(out / "summary.csv", report.all)
+    lines = [*_intro(report), *_table1(report), *_ablation(report), *_gamma_sweep(report), *_budget(report),
+             *_paired(report), *_tradeoff(report), "## Cost per cell", "", _cost_table(report.all), ""]
+    figures = plots.write_plots(out, report.summary, grid=report.grid, table_gamma=report.table_gamma,
+                                sparse=report.sparse)
+    points = tradeoff_points(report.rows)
+    if points:
+        figures.append(plots.write_tradeoff(out, points, reference=_reference_variant(report)))
+    qualitative = figure.write_qualitative(out, report.state, table_gamma=report.table_gamma, sparse=report.sparse)
     if qualitative is not None or (out / "qualitative.png").is_file():  # kept if the images moved away since
         figures.append(out / "qualitative.png")
     if figures:
@@ -407,18 +431,171 @@ def write_report(out: str | os.PathLike[str], reference: str = "full") -> Path:
     return atomic_write(out / "report.md", "\n".join(lines))
 
 
+def _intro(r: _Report) -> list[str]:
+    schedule, protocol, grid = r.state["schedule"], r.protocol, r.grid
+    n_test = max(s["n_cases"] // s["n_seeds"] for s in r.summary) if r.summary else 0
+    spread = "std over the seeds' means" if len(grid["seeds"]) > 1 else "std over test cases"
+    lines = [
+        "# Benchmark report",
+        "",
+        f"- Target: {r.state['target']}; split: splits.json ({n_test} test cases).",
+        f"- Preset `{r.state['preset']}`; every method {schedule['max_epochs']} epochs x "
+        f"{schedule['iterations_per_epoch']} iterations = {protocol['iterations']} iterations from the same "
+        f"foundation checkpoint (sha256 {protocol['foundation_sha256'][:12]}); the final checkpoint is scored.",
+        f"- Seeds: {', '.join(map(str, grid['seeds']))}; values are mean ± {spread}, in %.",
+        f"- Cells finished: {len(r.results)}. Executor: {r.state['executor']}, threads per cell: "
+        f"{r.state.get('threads') or 'torch default'}."
+        + (f" Command: `{r.state['command']}`" if r.state.get("command") else ""),
+        "- Per shot level, the best value is **bold** and the second <ins>underlined</ins>.",
+    ]
+    if r.retained:
+        lines.append(f"- Retained: the same final checkpoints scored on the held-out source-domain test set "
+                     f"({protocol.get('source_test')}): what fine-tuning keeps of the foundation's knowledge.")
+    return [*lines, ""]
+
+
+def _table1(r: _Report) -> list[str]:
+    if not r.methods:
+        return []
+    lines = ["## Table 1: DSC (%)", "", format_table(r.header(), r.metric_rows(r.methods, "dice")),
+             r.foundation_note("dice"),
+             "## NSD at 1 mm (%)", "", format_table(r.header(), r.metric_rows(r.methods, "nsd_1mm")),
+             r.foundation_note("nsd_1mm"),
+             "## Lymph-node detection (pooled over the test cases' nodes)", ""]
+    for key, title, higher in (
+        ("node_f1", "Node F1 (%)", True),
+        ("node_recall_ge10", "Recall of nodes >= 10 mm short axis (%)", True),
+        ("node_recall_lt10", "Recall of nodes < 10 mm short axis (%)", True),
+        ("node_precision", "Node precision (%)", True),
+        ("fp_per_volume", "False-positive components per volume", False),
+        ("rel_volume_error", "Relative volume error |V_pred - V_ref| / V_ref (%)", False),
+    ):
+        scale = 1.0 if key == "fp_per_volume" else 100.0
+        table = r.metric_rows(r.methods, key, std=False)
+        if not any(mean is not None and math.isfinite(mean) for _, cells in table for mean, _ in cells):
+            continue  # e.g. no reference node of that size in the test split
+        lines += [f"### {title}", "",
+                  format_table(r.header(std=False), table, scale=scale, higher_is_better=higher),
+                  r.foundation_note(key, std=False, scale=scale)]
+    return lines
+
+
+def _ablation(r: _Report) -> list[str]:
+    if not r.ablation:
+        return []
+    header = ["Method", *[f"DSC {k}-shot" for k in r.shots], "s / iteration", "trainable %", "updated / step %",
+              "changed %", "peak RSS (GB)"]
+    table = []
+    for m in r.ablation:
+        s_final = [r.get(m, k, r.gamma(m)) for k in r.shots]
+        cost = next(s for s in s_final if s is not None)
+        table.append((method_label(m), [
+            *[(None, None) if s is None else (s["dice_mean"], s["dice_std"]) for s in s_final],
+            (cost["median_s_per_iteration"], None), (cost["trainable_fraction"], None),
+            (cost["step_bound_fraction"], None), (cost["changed_fraction"], None), (cost["peak_rss_mb"], None),
+        ]))
+    n = len(r.shots)
+    return ["## Table 2: ablation", "",
+            format_table(header, table, scale=[100.0] * n + [1.0, 100.0, 100.0, 100.0, 1 / 1024],
+                         digits=[2] * n + [3, 4, 4, 4, 2], ranked=[True] * n + [False] * 5),
+            "", "s / iteration: median wall time of a training iteration (batch loading, step, selection). "
+            "Percentages are of the foundation network's entries: trainable (requires_grad, with added "
+            "adapter / LoRA entries), the most one step can update, and those that differ after fine-tuning.", ""]
+
+
+def _gamma_sweep(r: _Report) -> list[str]:
+    gammas = sorted({s["gamma"] for s in r.summary if s["method"] == "dgst" and s["gamma"]})
+    if not (r.grid["gammas"] and gammas):
+        return []
+    table = [(f"DGST γ = {g}", [(s["dice_mean"], s["dice_std"]) if (s := r.get("dgst", k, g)) else (None, None)
+                                for k in r.shots]) for g in gammas]
+    return ["## Gamma sensitivity: DGST DSC (%)", "",
+            format_table(["γ", *[f"{k}-shot" for k in r.shots]], table), ""]
+
+
+def _budget(r: _Report) -> list[str]:
+    if not r.protocol["eval_at"]:
+        return []
+    budgets = sorted({s["iteration"] for s in r.summary if s["method"] != FOUNDATION})
+    lines = ["## Budget sweep: DSC (%) after N iterations of the same runs", "",
+             "The checkpoints of one run at each iteration count (the learning rate follows the whole run's "
+             "poly schedule, so earlier checkpoints are not runs of that length).", ""]
+    swept = [m for m in dict.fromkeys(s["method"] for s in r.summary) if m != FOUNDATION]
+    for k in r.shots:
+        table = []
+        for m in swept:
+            cells = [(s["dice_mean"], s["dice_std"]) if (s := r.get(m, k, r.gamma(m), it)) else (None, None)
+                     for it in budgets]
+            if any(c[0] is not None for c in cells):
+                table.append((method_label(m), cells))
+        lines += [f"### {k}-shot", "", format_table(["Method", *[f"{it} it" for it in budgets]], table), ""]
+    return lines
+
+
+def _paired(r: _Report) -> list[str]:
+    compared = [m for m in dict.fromkeys([*r.methods, *r.ablation]) if m != FOUNDATION]
+    lines = []
+    for domain, what in (("target", "DSC"), ("source", "retained source DSC")):
+        paired = paired_table(r.rows, compared, r.reference, r.shots, r.gamma, domain=domain)
+        if paired is None:
+            continue
+        lines += [f"## Paired differences against {method_label(r.reference)}: {what} (percentage points)", "",
+                  f"Method minus {method_label(r.reference)} on the same test cases and seeds: mean, bootstrap 95 % "
+                  "interval (seeds and test cases resampled), Wilcoxon signed-rank p, number of pairs. **Bold**: "
+                  "the interval lies above 0; <ins>underlined</ins>: below 0; unmarked: no difference shown.", "",
+                  paired, ""]
+    return lines
+
+
+def _reference_variant(r: _Report) -> Variant:
+    return (r.reference, r.gamma(r.reference), None, None)
+
+
+def _tradeoff(r: _Report) -> list[str]:
+    """Every variant's target DSC against its retained source DSC, with paired differences and the Pareto front."""
+    points = tradeoff_points(r.rows)
+    if not points:
+        return []
+    ref = _reference_variant(r)
+    target, source = _level_scores(r.rows, "dice", "target"), _level_scores(r.rows, "dice", "source")
+    lines = ["## Adaptation against forgetting: target DSC and retained source DSC (%)", "",
+             "Each configuration (method, γ, update mode, learning rate) at each shot level: mean DSC on the target's "
+             "test cases and on the held-out source test set, bootstrap 95 % intervals (seeds and cases "
+             f"resampled), and its paired difference against {variant_label(ref)} on both. Front: on the Pareto "
+             "front of its shot level (no configuration is at least as good on both and better on one); a method is "
+             "better only where it lies above the others' points.", ""]
+    for k in sorted({p["shots"] for p in points}):
+        header = ["Configuration", "target DSC", "retained DSC", f"target vs {variant_label(ref)}",
+                  f"retained vs {variant_label(ref)}", "front"]
+        lines += [f"### {k}-shot", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for p in (p for p in points if p["shots"] == k):
+            v = p["variant"]
+            cells = [p["label"], _interval_text(p["target"]), _interval_text(p["retained"]),
+                     "" if v == ref else _difference_text(target.get((v, k)), target.get((ref, k))),
+                     "" if v == ref else _difference_text(source.get((v, k)), source.get((ref, k))),
+                     "yes" if p["front"] else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _interval_text(value: tuple[float, float, float]) -> str:
+    mean, low, high = value
+    return f"{mean * 100:.2f} [{low * 100:.2f}, {high * 100:.2f}]"
+
+
 def _cost_table(summary: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| Method | shots | γ | s / it | CPU s / it | trainable % | updated / step % | changed % | "
              "peak RSS (GB) | cell (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        if not s["final"]:
+        if not s["final"] or s["domain"] != "target":
             continue
 
         def num(v: float, fmt: str) -> str:
             return "" if v is None or not math.isfinite(v) else format(v, fmt)
 
         lines.append(
-            f"| {s['label']} | {s['shots'] or ''} | {s['gamma'] or ''} | {num(s['median_s_per_iteration'], '.3f')} | "
+            f"| {variant_label((s['method'], None, s['update'], s['lr']))} | {s['shots'] or ''} | {s['gamma'] or ''} | {num(s['median_s_per_iteration'], '.3f')} | "
             f"{num(s['median_cpu_s_per_iteration'], '.3f')} | {num(100 * s['trainable_fraction'], '.4f')} | "
             f"{num(100 * s['step_bound_fraction'], '.4f')} | {num(100 * s['changed_fraction'], '.4f')} | "
             f"{num(s['peak_rss_mb'] / 1024, '.2f')} | "

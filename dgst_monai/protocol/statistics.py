@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PairedDifference", "paired_difference"]
+__all__ = ["PairedDifference", "mean_interval", "paired_difference"]
 
 #: bootstrap resamples per comparison
 RESAMPLES = 4000
@@ -63,22 +63,47 @@ def paired_difference(
                   if math.isfinite(method[k]) and math.isfinite(reference[k]))
     if not keys:
         return None
-    seeds = sorted({s for s, _ in keys})
-    cases = sorted({c for _, c in keys})
-    table = np.full((len(seeds), len(cases)), np.nan)
-    for s, c in keys:
-        table[seeds.index(s), cases.index(c)] = method[(s, c)] - reference[(s, c)]
-    rng = np.random.default_rng(seed)
-    draws = np.empty(resamples)
-    for i in range(resamples):
-        rows = rng.integers(0, len(seeds), len(seeds))
-        cols = rng.integers(0, len(cases), len(cases))
-        sample = table[np.ix_(rows, cols)]
-        draws[i] = np.nanmean(sample) if np.isfinite(sample).any() else np.nan
-    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    table = _table({k: method[k] - reference[k] for k in keys})
+    low, high = _bootstrap(table, resamples, seed)
     differences = table[np.isfinite(table)]
     if np.all(differences == 0):
         p_value = 1.0
     else:
         p_value = float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
-    return PairedDifference(float(differences.mean()), float(low), float(high), p_value, len(keys), len(seeds))
+    return PairedDifference(float(differences.mean()), low, high, p_value, len(keys), table.shape[0])
+
+
+def mean_interval(
+    scores: Mapping[tuple[int, str], float], resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float] | None:
+    """Mean of per-(seed, case) scores with the same bootstrap 95 % interval (seeds and cases resampled);
+    None without a finite score."""
+    finite = {k: v for k, v in scores.items() if math.isfinite(v)}
+    if not finite:
+        return None
+    table = _table(finite)
+    low, high = _bootstrap(table, resamples, seed)
+    return float(np.mean(list(finite.values()))), low, high
+
+
+def _table(values: Mapping[tuple[int, str], float]) -> np.ndarray:
+    """Seeds x cases array of the values (NaN where a seed lacks a case)."""
+    seeds = sorted({s for s, _ in values})
+    cases = sorted({c for _, c in values})
+    table = np.full((len(seeds), len(cases)), np.nan)
+    for (s, c), value in values.items():
+        table[seeds.index(s), cases.index(c)] = value
+    return table
+
+
+def _bootstrap(table: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile 95 % interval of the mean, resampling the rows (seeds) and the columns (cases) independently."""
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        rows = rng.integers(0, table.shape[0], table.shape[0])
+        cols = rng.integers(0, table.shape[1], table.shape[1])
+        sample = table[np.ix_(rows, cols)]
+        draws[i] = np.nanmean(sample) if np.isfinite(sample).any() else np.nan
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return float(low), float(high)
