@@ -5,8 +5,9 @@ its own. :func:`export_bundle` writes one from the source bundle's folder and th
 
 * ``configs/train.json`` and ``configs/inference.json`` with the network the checkpoint was trained with written
   out as ``"plan": {...}`` (:meth:`dgst_monai.networks.DynUNetPlan.to_config`; the ``preset`` that chose it is
-  dropped, since the weights fix the topology); a preset overlay (``--preset cpu_small``) is merged in first.
-  The plan comes from the training record beside the checkpoint, else from the preset;
+  dropped, since the weights fix the topology); an overlay named by ``--preset`` (``cpu_small``: the bundle's
+  ``configs/cpu_small.json``) is merged in first. The plan comes from the training record beside the checkpoint,
+  else from the network preset;
 * ``models/model.pt`` (the checkpoint), ``models/normalization.json`` (its CT normalisation) and
   ``models/model.ts`` (TorchScript by ``monai.bundle.ckpt_export``: scripted, or traced where scripting fails,
   as for SwinUNETR; checked to give the checkpoint's output);
@@ -402,7 +403,8 @@ def _with_plan(config: Mapping[str, Any], plan: Mapping[str, Any], others: str =
     out = dict(config)
     old = out.get("plan")
     out["plan"] = dict(plan)
-    inputs = re.findall(r"@([A-Za-z_][\w#]*)", old) if isinstance(old, str) else []
+    # the written plan component refers to ``@preset`` (and the SwinUNETR bundle's ``@swin_version``)
+    inputs = re.findall(r"@([A-Za-z_][\w#]*)", old if isinstance(old, str) else json.dumps(old))
     params = out.get("experiment_param")
     if isinstance(params, dict):  # tracking keeps recording what the plan was made from, as a literal
         out["experiment_param"] = {
@@ -772,7 +774,7 @@ def export_bundle(
         models.mkdir()
         if state is raw:
             shutil.copyfile(ckpt, models / "model.pt")
-        else:  # a training state: its model entry, as CheckpointSaver writes model.pt
+        else:  # a training state: its model entry, flat, as the bundles' FinalModelSaver writes model.pt
             atomic_torch_save(dict(state), models / "model.pt")
         atomic_write_json(models / NORMALIZATION_FILE, normalization)
         _large_files_yml(stage, weights_url)  # a model too large for the zoo fails here, before the slow steps

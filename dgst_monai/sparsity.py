@@ -61,7 +61,7 @@ def top_gamma_mask(scores: torch.Tensor, gamma: int) -> torch.Tensor:
     if scores.shape[1] <= gamma:
         return torch.ones_like(scores, dtype=torch.bool)
     # max(1) is the fastest selector for gamma 1: 0.023 s vs 0.031 s for topk(1) on the gradients of an nnU-Net-sized
-    # network (earlier probe on this project's 2-core CPU; benchmarks/RESULTS.md has the measured selection costs)
+    # network on a 2-core CPU (benchmarks/RESULTS.md has the measured selection costs)
     index = scores.max(dim=1, keepdim=True).indices if gamma == 1 else scores.topk(gamma, dim=1, sorted=False).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
 

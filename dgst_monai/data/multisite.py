@@ -13,9 +13,11 @@
   a few shots of one site can be fitted closely while the test asks for generality.
 
 Case ``i`` of a set gets the phantom seed :func:`dgst_monai.data.phantoms.write_synthetic_dataset` would give
-it, so the two targets show the same patients through different scanners; the knob draw of a multi-site case
-uses its own generator (dataset seed, case index), independent of every other case. All cases are written as
-``training`` cases: the benchmark makes its seeded 8:2 split itself (:func:`dgst_monai.data.splits.make_splits`).
+it, so ``mediastinum`` and ``multisite`` show the same patients through different scanners; the knob draw of a
+multi-site case uses its own generator (dataset seed, case index), independent of every other case. The cases of
+``mediastinum`` and ``multisite`` are written as ``training`` cases, and the benchmark makes its seeded 8:2 split
+itself (:func:`dgst_monai.data.splits.make_splits`); ``site_shift`` and ``source_test`` carry their own test
+cases.
 
 Example:
     >>> from dgst_monai.data.multisite import case_knobs, target_spec

@@ -168,8 +168,8 @@ def load_checkpoint(
 ) -> None:
     """Load the file at ``path`` into the objects of ``load_dict`` (by key), weights only and strictly.
 
-    The file is either ``{key: state, ...}`` or, for a single object, that object's state itself (what MONAI's
-    ``CheckpointSaver`` writes for one object). Every module is checked before anything is loaded, so a refused
+    The file is either ``{key: state, ...}`` or, for a single object, that object's state itself (what the
+    bundles' ``FinalModelSaver`` and MONAI's ``CheckpointSaver`` write for one object). Every module is checked before anything is loaded, so a refused
     checkpoint leaves every object as it was.
 
     Args:

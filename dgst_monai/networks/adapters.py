@@ -27,7 +27,7 @@ dict (the foundation checkpoint) strictly: LoRA maps the plain keys onto its bas
 output projections to zero, so after loading the network computes exactly the loaded plain network. Its own
 full state dict loads as usual, for resuming. (MONAI's ``CheckpointLoader(strict_shape=False)`` first drops
 every key the target does not list: keep the default ``strict_shape=True``.) For evaluation and export, save
-:func:`merge` (LoRA folded in, adapters kept), e.g. :class:`MergedView` in a ``CheckpointSaver``.
+:func:`merge` (LoRA folded in, adapters kept), e.g. :class:`MergedView` in the bundles' ``FinalModelSaver``.
 
 Heads (``UnetOutBlock``: the final logit conv and the deep-supervision heads) are never injected.
 """
@@ -623,10 +623,10 @@ def merged_parameter_names(model: nn.Module) -> list[str]:
 class MergedView:
     """What a checkpoint saver should store for a fine-tuned network: the state dict of :func:`merge`.
 
-    ``CheckpointSaver(save_dict={"model": MergedView(network)})`` writes a checkpoint that the plain network
-    definition loads (LoRA folded in; the keys of adapters say what
-    :func:`dgst_monai.networks.for_checkpoint` adds first): evaluation, inference, export,
-    :mod:`dgst_monai.delta`. Save ``network`` itself to be able to resume with the LoRA weights.
+    ``FinalModelSaver(ckpt_dir, {"model": MergedView(network)})`` (the bundles' ``train.json``; MONAI's
+    ``CheckpointSaver`` alike) writes a checkpoint that the plain network definition loads (LoRA folded in; the
+    keys of adapters say what :func:`dgst_monai.networks.for_checkpoint` adds first): evaluation, inference,
+    export, :mod:`dgst_monai.delta`. Save ``network`` itself to be able to resume with the LoRA weights.
 
     Args:
         network: the injected network (kept by reference; merged at every ``state_dict()`` call).

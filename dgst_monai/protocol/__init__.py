@@ -16,7 +16,7 @@ Example::
 
     from dgst_monai.protocol import run_benchmark, write_report
 
-    run_benchmark("runs/bench", shots=[5, 10, 20], methods=["full", "bias", "dgst"], preset="cpu_small")
+    run_benchmark("runs/bench", shots=[5, 10, 20], methods=["full", "bias", "dgst"], preset="cpu-small")
     write_report("runs/bench")
 """
 
