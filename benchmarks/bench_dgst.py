@@ -33,7 +33,7 @@ momentum 0.99, Nesterov, weight decay 3e-5), on a fixed synthetic batch. It meas
 Usage::
 
     python benchmarks/bench_dgst.py --json bench.json             # nnU-Net-sized, an estimated 15-20 min on 2 CPU cores
-    python benchmarks/bench_dgst.py --preset tiny                  # smoke run, a few minutes (mostly imports)
+    python benchmarks/bench_dgst.py --size tiny                    # smoke run, a few minutes (mostly imports)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from dgst_monai.sparsity import GradientSelector, SparseUpdate
 
 #: The bundle whose fine-tuning loss and optimizer are timed.
 BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "ln_ct_dynunet"
-PRESETS: dict[str, dict[str, Any]] = {
+SIZES: dict[str, dict[str, Any]] = {
     # nnU-Net-sized: the paper's plan at a 96x96x64 patch (x, y, z; nnU-Net's 64x96x96 in z, y, x)
     "nnunet": {"plan": "paper", "patch": [96, 96, 64], "iterations": 5, "warmup": 1},
     # smoke run: the cpu-small plan with filters 8-16-32-64
@@ -521,7 +521,7 @@ def bench_memory_with(args: argparse.Namespace, modes: list[Mode], allocator: st
     out = {}
     env = {**os.environ, **ALLOCATORS[allocator]}
     forwarded = [
-        "--preset", args.preset, "--plan", args.plan, "--bundle", args.bundle,
+        "--size", args.size, "--plan", args.plan, "--bundle", args.bundle,
         "--filters", *map(str, args.filters), "--patch", *map(str, args.patch), "--batch", str(args.batch),
         "--deep-supr-num", str(args.deep_supr_num), "--seed", str(args.seed),
         "--memory-iterations", str(args.memory_iterations),
@@ -600,15 +600,15 @@ def report(result: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="nnunet", help="network size and default counts")
-    p.add_argument("--plan", help="dgst_monai.networks plan preset of the network (default: the preset's)")
+    p.add_argument("--size", choices=sorted(SIZES), default="nnunet", help="network size and default counts")
+    p.add_argument("--plan", help="dgst_monai.networks plan preset of the network (default: the size's)")
     p.add_argument("--filters", type=int, nargs="+", help="filters, one per stage of the plan (default: the plan's)")
     p.add_argument("--patch", type=int, nargs=3, help="patch size X Y Z, divisible by the plan's total strides")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--deep-supr-num", type=int, help="DynUNet deep-supervision heads (default: the plan's)")
     p.add_argument("--bundle", default=str(BUNDLE), help="bundle whose fine-tuning loss and optimizer are used")
-    p.add_argument("--iterations", type=int, help="timed iterations per mode (default: preset's)")
-    p.add_argument("--warmup", type=int, help="untimed warm-up rounds (default: preset's)")
+    p.add_argument("--iterations", type=int, help="timed iterations per mode (default: the size's)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up rounds (default: the size's)")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, interleaved in this order ({DEFAULT_MODES})")
     p.add_argument("--selection-gammas", type=int, nargs="+", default=[1, 2])
     p.add_argument("--selection-threads", type=int, nargs="+", default=[0, 1],
@@ -626,15 +626,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write all raw numbers here")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
-    # the preset's plan overrides apply to its own plan only; explicit --filters still win
-    args.plan_overrides = preset.get("plan_overrides", {}) if args.plan in (None, preset["plan"]) else {}
-    args.plan = args.plan or preset["plan"]
-    args.patch = args.patch or preset["patch"]
-    args.iterations = args.iterations if args.iterations is not None else preset.get("iterations", 5)
-    args.warmup = args.warmup if args.warmup is not None else preset.get("warmup", 1)
-    args.selection_repeats = args.selection_repeats or preset.get("selection_repeats", 9)
-    args.released_repeats = args.released_repeats or preset.get("released_repeats", 5)
+    size = SIZES[args.size]
+    # the size's plan overrides apply to its own plan only; explicit --filters still win
+    args.plan_overrides = size.get("plan_overrides", {}) if args.plan in (None, size["plan"]) else {}
+    args.plan = args.plan or size["plan"]
+    args.patch = args.patch or size["patch"]
+    args.iterations = args.iterations if args.iterations is not None else size.get("iterations", 5)
+    args.warmup = args.warmup if args.warmup is not None else size.get("warmup", 1)
+    args.selection_repeats = args.selection_repeats or size.get("selection_repeats", 9)
+    args.released_repeats = args.released_repeats or size.get("released_repeats", 5)
     plan = build_plan(args)  # checks --filters and --patch against the plan before any work
     args.filters, args.deep_supr_num = list(plan.filters), plan.deep_supr_num
     return args

@@ -72,15 +72,15 @@ class Commands:
         self.delta = Delta()
         self.benchmark = Benchmark()
 
-    def demo(self, *, output: str | None = None, preset: str = "default", shots: int | None = None, seed: int = 0) -> None:
+    def demo(self, *, output: str | None = None, size: str = "default", shots: int | None = None, seed: int = 0) -> None:
         """Synthesise CT, pre-train a small foundation model, fine-tune it (full vs DGST) on ``shots`` target
         cases, evaluate both on held-out target cases and print DSC / NSD, beside the DSC each model retains on
         held-out source (head-and-neck) cases. About 10 minutes on a 2-core CPU
-        (``--preset tiny``: about a minute). Everything is written under ``--output`` (default
+        (``--size tiny``: about a minute). Everything is written under ``--output`` (default
         ``runs/demo-<time>``)."""
         from dgst_monai.demo import run_demo
 
-        run_demo(output=None if output is None else str(output), preset=preset, shots=shots, seed=seed)
+        run_demo(output=None if output is None else str(output), size=str(size), shots=shots, seed=seed)
 
     def methods(self, *, network: str | None = None, steps: int | None = None, gamma: int = 1) -> str:
         """List the fine-tuning methods (``--method`` of the finetune config).

@@ -22,7 +22,7 @@ class DemoSettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class DemoPreset:
+class DemoSize:
     """Sizes of one demo run. ``default`` fits in 10 minutes on a 2-core CPU; ``tiny`` is the smoke test."""
 
     source_cases: int
@@ -43,8 +43,9 @@ class DemoPreset:
 _DEMO_TASK = {"node_short_axis_mm": (8.0, 20.0), "n_nodes": (8, 14)}
 _DEMO_SAMPLING = {"crop_pos": 1, "crop_neg": 1}
 
-PRESETS: dict[str, DemoPreset] = {
-    "default": DemoPreset(
+#: ``dgst-monai demo --size``: ``tiny`` also runs the ``tiny`` network preset.
+SIZES: dict[str, DemoSize] = {
+    "default": DemoSize(
         source_cases=16,
         target_cases=12,
         shots=5,
@@ -54,7 +55,7 @@ PRESETS: dict[str, DemoPreset] = {
         phantom_knobs=_DEMO_TASK,
         overrides=_DEMO_SAMPLING,
     ),
-    "tiny": DemoPreset(
+    "tiny": DemoSize(
         source_cases=4,
         target_cases=4,
         shots=2,
@@ -81,7 +82,7 @@ def run_bundle(bundle: Path, configs: list[str], **overrides: Any) -> None:
 
 def run_demo(
     output: str | Path | None = None,
-    preset: str = "default",
+    size: str = "default",
     shots: int | None = None,
     methods: tuple[str, ...] = ("full", "dgst"),
     seed: int = 0,
@@ -90,19 +91,19 @@ def run_demo(
 
     Args:
         output: run folder (default ``runs/demo-<timestamp>``); everything is written under it.
-        preset: ``default`` or ``tiny``.
-        shots: annotated target-domain cases used for fine-tuning (default: the preset's, 5 or 2).
+        size: ``default`` or ``tiny`` (:data:`SIZES`).
+        shots: annotated target-domain cases used for fine-tuning (default: the size's, 5 or 2).
         methods: fine-tuning methods to compare (names of ``dgst_monai.METHODS``).
         seed: seed of the few-shot draw and of training.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    if size not in SIZES:
+        raise DemoSettingsError(f"unknown --size {size!r}; choose one of {', '.join(SIZES)}")
+    p = SIZES[size]
     shots = p.shots if shots is None else shots
     available = p.target_cases - (max(1, round(0.2 * p.target_cases)) if p.target_cases >= 2 else 0)
     if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= available:
         raise DemoSettingsError(
-            f"--shots {shots!r} does not fit --preset {preset}: it has {available} target training cases "
+            f"--shots {shots!r} does not fit --size {size}: it has {available} target training cases "
             f"(give --shots 1..{available}, or leave it out for {p.shots})"
         )
     run_dir = Path(output) if output else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
@@ -120,13 +121,13 @@ def run_demo(
         run_dir / "data" / "mediastinum", "mediastinum", n=p.target_cases, seed=seed + 1, **p.phantom_knobs
     )
     common = dict(p.overrides, seed=seed, iterations_per_epoch=p.iterations_per_epoch)
-    preset_configs = ["train.json", "cpu_small.json"]
+    configs = ["train.json", "cpu_small.json"]
 
     foundation = run_dir / "foundation"
     step(f"pre-training the foundation model on the source domain ({p.pretrain_epochs} epochs)")
     run_bundle(
         bundle,
-        preset_configs,
+        configs,
         datalist=source,
         ckpt_dir=str(foundation),
         max_epochs=p.pretrain_epochs,
@@ -138,8 +139,8 @@ def run_demo(
 
     def evaluate(name: str, ckpt_dir: Path) -> None:
         """Score a model on the held-out target cases and on the held-out source cases (what it retained)."""
-        rows[name] = _evaluate(bundle, preset_configs, target, ckpt_dir, common, ckpt_dir / "eval")
-        retained[name] = _evaluate(bundle, preset_configs, source, ckpt_dir, common, ckpt_dir / "eval_source")
+        rows[name] = _evaluate(bundle, configs, target, ckpt_dir, common, ckpt_dir / "eval")
+        retained[name] = _evaluate(bundle, configs, source, ckpt_dir, common, ckpt_dir / "eval_source")
 
     step("evaluating the foundation model on the held-out target and source cases (no adaptation)")
     evaluate("foundation (no fine-tuning)", foundation)
@@ -148,7 +149,7 @@ def run_demo(
         step(f"fine-tuning with {method} on {shots} target cases ({p.finetune_epochs} epochs)")
         run_bundle(
             bundle,
-            [*preset_configs, "finetune.json"],
+            [*configs, "finetune.json"],
             datalist=target,
             method=method,
             shots=shots,

@@ -1,4 +1,4 @@
-"""Smoke test of the whole pipeline: the demo with its tiny preset, through the real bundle runs."""
+"""Smoke test of the whole pipeline: the demo at its tiny size, through the real bundle runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dgst_monai.demo import run_demo
 def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
     """Pre-train, fine-tune (full, dgst) and evaluate on synthetic CT; the table and files hold real figures."""
     started = time.time()
-    rows = run_demo(output=tmp_path, preset="tiny", shots=2)
+    rows = run_demo(output=tmp_path, size="tiny", shots=2)
     elapsed = time.time() - started
 
     assert list(rows) == ["foundation (no fine-tuning)", "full (2-shot)", "dgst (2-shot)"]
@@ -35,7 +35,7 @@ def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
     changed_full = (full[kernel] != foundation[kernel]).float().mean()
     changed_dgst = (dgst[kernel] != foundation[kernel]).view(foundation[kernel].shape[0], -1).sum(1)
     assert changed_full > 0.9
-    assert int(changed_dgst.max()) <= 3  # tiny preset: 3 optimizer steps, gamma 1
+    assert int(changed_dgst.max()) <= 3  # tiny size: 3 optimizer steps, gamma 1
     assert int(changed_dgst.sum()) > 0
 
     table = capsys.readouterr().out
@@ -50,17 +50,17 @@ def test_demo_tiny_runs_every_stage_and_reports_dsc_nsd(tmp_path, capsys):
     print(f"tiny demo: {elapsed:.0f} s")  # acceptance: under 2 minutes (measured, not asserted: see pytest -s)
 
 
-def test_each_preset_brings_shots_that_fit_and_a_bad_combination_is_one_line(tmp_path, capsys):
-    """``dgst-monai demo --preset tiny`` works without ``--shots`` (the preset's own); shots beyond the preset's
+def test_each_size_brings_shots_that_fit_and_a_bad_combination_is_one_line(tmp_path, capsys):
+    """``dgst-monai demo --size tiny`` works without ``--shots`` (the size's own); shots beyond the size's
     target training cases stop before anything is written, in one line naming both settings."""
     from dgst_monai.cli import main
-    from dgst_monai.demo import PRESETS
+    from dgst_monai.demo import SIZES
 
-    for preset in PRESETS.values():
-        assert 0 < preset.shots <= preset.target_cases - max(1, round(0.2 * preset.target_cases))
+    for size in SIZES.values():
+        assert 0 < size.shots <= size.target_cases - max(1, round(0.2 * size.target_cases))
     with pytest.raises(SystemExit):
-        main(["demo", "--preset", "tiny", "--shots", "5", "--output", str(tmp_path / "run")])
+        main(["demo", "--size", "tiny", "--shots", "5", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
-    assert err == ("dgst-monai demo: error: --shots 5 does not fit --preset tiny: it has 3 target training cases "
+    assert err == ("dgst-monai demo: error: --shots 5 does not fit --size tiny: it has 3 target training cases "
                    "(give --shots 1..3, or leave it out for 2)")
     assert not (tmp_path / "run").exists()

@@ -88,7 +88,7 @@ def test_wheel_holds_every_module_and_shipped_file_and_no_run_output(wheel):
 
 
 def test_installed_package_runs_demo_and_cards_outside_the_checkout(venv, tmp_path):
-    """``dgst-monai data cards`` and ``dgst-monai demo --preset tiny`` from an empty folder: the package, its
+    """``dgst-monai data cards`` and ``dgst-monai demo --size tiny`` from an empty folder: the package, its
     bundles and cards come from the fresh environment, and the demo writes nothing into the installed bundle."""
     script = "import dgst_monai.resources as r; print(r.__file__, r.shipped_dir('bundles'))"
     module, bundles = (Path(p) for p in _run(venv, tmp_path, "python", "-c", script).split())
@@ -99,7 +99,7 @@ def test_installed_package_runs_demo_and_cards_outside_the_checkout(venv, tmp_pa
     titles = {p.stem: json.loads(p.read_text(encoding="utf-8"))["title"] for p in (REPO / "data_manifests").glob("*.json")}
     assert [line.split(maxsplit=1) for line in cards] == [[name, titles[name]] for name in sorted(titles)]
 
-    _run(venv, tmp_path, "dgst-monai", "demo", "--preset", "tiny", "--shots", "2", "--output", "demo", timeout=900)
+    _run(venv, tmp_path, "dgst-monai", "demo", "--size", "tiny", "--shots", "2", "--output", "demo", timeout=900)
     rows = json.loads((tmp_path / "demo" / "results.json").read_text(encoding="utf-8"))["target"]
     assert list(rows) == ["foundation (no fine-tuning)", "full (2-shot)", "dgst (2-shot)"]
     assert all(0.0 <= row["dice"]["mean"] <= 1.0 for row in rows.values())
