@@ -55,83 +55,95 @@ def write_plots(
         table_gamma: gamma of the sparse methods in the tables.
         sparse: the methods that take a gamma.
     """
-    plt = pyplot()
-    written: list[Path] = []
-    methods = [m for m in [*grid["methods"], *grid["ablation"]] if m != FOUNDATION]
-    methods = list(dict.fromkeys(methods))
-    gamma_of = {m: table_gamma if m in sparse else None for m in methods}
-
-    lines = {m: _finals(summary, m, gamma_of[m]) for m in methods}
+    methods = list(dict.fromkeys(m for m in [*grid["methods"], *grid["ablation"]] if m != FOUNDATION))
+    lines = {m: _finals(summary, m, table_gamma if m in sparse else None) for m in methods}
     lines = {m: rows for m, rows in lines.items() if rows}
-    if lines:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for m, rows in lines.items():
-            ax.errorbar([r["shots"] for r in rows], [100 * r["dice_mean"] for r in rows],
-                        yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=rows[0]["label"])
-        foundation = [s for s in summary if s["method"] == FOUNDATION]
-        if foundation:
-            ax.axhline(100 * foundation[0]["dice_mean"], color="grey", linestyle=":", label="Foundation")
-        ax.set(xlabel="annotated target cases (shots)", ylabel="DSC (%)", title="DSC vs shots")
-        ax.set_xticks(sorted({r["shots"] for rows in lines.values() for r in rows}))
-        ax.legend(fontsize=8, ncol=2)
-        ax.grid(alpha=0.3)
-        written.append(save_png(fig, out / "dsc_vs_shots.png"))
+    plots = (_dsc_vs_shots(out, summary, lines), _gamma_sensitivity(out, summary, grid),
+             _dsc_vs_iteration_time(out, lines), _budget_curves(out, summary, methods, table_gamma))
+    return [p for p in plots if p is not None]
 
+
+def _dsc_vs_shots(out: Path, summary: Sequence[Mapping[str, Any]], lines: Mapping[str, Sequence[Any]]) -> Path | None:
+    if not lines:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
+    for rows in lines.values():
+        ax.errorbar([r["shots"] for r in rows], [100 * r["dice_mean"] for r in rows],
+                    yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=rows[0]["label"])
+    foundation = [s for s in summary if s["method"] == FOUNDATION]
+    if foundation:
+        ax.axhline(100 * foundation[0]["dice_mean"], color="grey", linestyle=":", label="Foundation")
+    ax.set(xlabel="annotated target cases (shots)", ylabel="DSC (%)", title="DSC vs shots")
+    ax.set_xticks(sorted({r["shots"] for rows in lines.values() for r in rows}))
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    return save_png(fig, out / "dsc_vs_shots.png")
+
+
+def _gamma_sensitivity(out: Path, summary: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> Path | None:
     gammas = sorted({s["gamma"] for s in summary if s["method"] == "dgst" and s["final"] and s["gamma"]})
-    if grid["gammas"] and len(gammas) > 1:
-        fig, ax = plt.subplots(figsize=(6.0, 4.0))
-        for k in sorted({s["shots"] for s in summary if s["method"] == "dgst"}):
-            rows = sorted((s for s in summary if s["method"] == "dgst" and s["final"] and s["shots"] == k),
-                          key=lambda s: s["gamma"])
-            ax.errorbar([r["gamma"] for r in rows], [100 * r["dice_mean"] for r in rows],
-                        yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=f"{k} shots")
+    if not (grid["gammas"] and len(gammas) > 1):
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.0, 4.0))
+    for k in sorted({s["shots"] for s in summary if s["method"] == "dgst"}):
+        rows = sorted((s for s in summary if s["method"] == "dgst" and s["final"] and s["shots"] == k),
+                      key=lambda s: s["gamma"])
+        ax.errorbar([r["gamma"] for r in rows], [100 * r["dice_mean"] for r in rows],
+                    yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=f"{k} shots")
+    ax.set_xscale("log")
+    ax.set_xticks(gammas, [str(g) for g in gammas])
+    ax.minorticks_off()
+    ax.set(xlabel="γ (entries kept per filter)", ylabel="DSC (%)", title="DGST: sensitivity to γ")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_png(fig, out / "gamma_sensitivity.png")
+
+
+def _dsc_vs_iteration_time(out: Path, lines: Mapping[str, Sequence[Any]]) -> Path | None:
+    timed = [s for m in lines for s in lines[m] if math.isfinite(s["median_s_per_iteration"])]
+    if not timed:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
+    shots = sorted({s["shots"] for s in timed})
+    markers = "osD^vP*X"
+    colours = {m: f"C{i % 10}" for i, m in enumerate(lines)}
+    for s in timed:
+        ax.scatter(s["median_s_per_iteration"], 100 * s["dice_mean"], color=colours[s["method"]],
+                   marker=markers[shots.index(s["shots"]) % len(markers)])
+    for m in lines:
+        ax.scatter([], [], color=colours[m], marker="o", label=lines[m][0]["label"])
+    for i, k in enumerate(shots):
+        ax.scatter([], [], color="black", marker=markers[i % len(markers)], label=f"{k} shots")
+    ax.set(xlabel="median seconds per training iteration", ylabel="DSC (%)", title="DSC vs iteration time")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return save_png(fig, out / "dsc_vs_iteration_time.png")
+
+
+def _budget_curves(
+    out: Path, summary: Sequence[Mapping[str, Any]], methods: Sequence[str], table_gamma: int
+) -> Path | None:
+    swept = {(s["method"], s["gamma"]) for s in summary if not s["final"]}
+    if not swept:
+        return None
+    shots = sorted({s["shots"] for s in summary if s["method"] != FOUNDATION})
+    fig, axes = pyplot().subplots(1, len(shots), figsize=(5.0 * len(shots), 4.0), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for method, gamma in sorted(swept, key=lambda mg: methods.index(mg[0]) if mg[0] in methods else 99):
+            rows = sorted((s for s in summary if s["method"] == method and s["gamma"] == gamma
+                           and s["shots"] == k), key=lambda s: s["iteration"])
+            if rows:
+                label = rows[0]["label"] + (f" γ={gamma}" if gamma not in (None, table_gamma) else "")
+                ax.errorbar([r["iteration"] for r in rows], [100 * r["dice_mean"] for r in rows],
+                            yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=label)
         ax.set_xscale("log")
-        ax.set_xticks(gammas, [str(g) for g in gammas])
+        ticks = sorted({s["iteration"] for s in summary if s["method"] != FOUNDATION})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        ax.set(xlabel="γ (entries kept per filter)", ylabel="DSC (%)", title="DGST: sensitivity to γ")
+        ax.set(xlabel="fine-tuning iterations", ylabel="DSC (%)", title=f"Budget sweep, {k}-shot")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        written.append(save_png(fig, out / "gamma_sensitivity.png"))
-
-    timed = [s for m in lines for s in lines[m] if math.isfinite(s["median_s_per_iteration"])]
-    if timed:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        shots = sorted({s["shots"] for s in timed})
-        markers = "osD^vP*X"
-        colours = {m: f"C{i % 10}" for i, m in enumerate(lines)}
-        for s in timed:
-            ax.scatter(s["median_s_per_iteration"], 100 * s["dice_mean"], color=colours[s["method"]],
-                       marker=markers[shots.index(s["shots"]) % len(markers)])
-        for m in lines:
-            ax.scatter([], [], color=colours[m], marker="o", label=lines[m][0]["label"])
-        for i, k in enumerate(shots):
-            ax.scatter([], [], color="black", marker=markers[i % len(markers)], label=f"{k} shots")
-        ax.set(xlabel="median seconds per training iteration", ylabel="DSC (%)", title="DSC vs iteration time")
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3)
-        written.append(save_png(fig, out / "dsc_vs_iteration_time.png"))
-
-    swept = {(s["method"], s["gamma"]) for s in summary if not s["final"]}
-    if swept:
-        shots = sorted({s["shots"] for s in summary if s["method"] != FOUNDATION})
-        fig, axes = plt.subplots(1, len(shots), figsize=(5.0 * len(shots), 4.0), squeeze=False)
-        for ax, k in zip(axes[0], shots):
-            for method, gamma in sorted(swept, key=lambda mg: methods.index(mg[0]) if mg[0] in methods else 99):
-                rows = sorted((s for s in summary if s["method"] == method and s["gamma"] == gamma
-                               and s["shots"] == k), key=lambda s: s["iteration"])
-                if rows:
-                    label = rows[0]["label"] + (f" γ={gamma}" if gamma not in (None, table_gamma) else "")
-                    ax.errorbar([r["iteration"] for r in rows], [100 * r["dice_mean"] for r in rows],
-                                yerr=[100 * r["dice_std"] for r in rows], marker="o", capsize=3, label=label)
-            ax.set_xscale("log")
-            ticks = sorted({s["iteration"] for s in summary if s["method"] != FOUNDATION})
-            ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.minorticks_off()
-            ax.set(xlabel="fine-tuning iterations", ylabel="DSC (%)", title=f"Budget sweep, {k}-shot")
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        written.append(save_png(fig, out / "dsc_vs_iterations.png"))
-    return written
+    return save_png(fig, out / "dsc_vs_iterations.png")
 
 
 def write_tradeoff(out: Path, points: Sequence[Mapping[str, Any]], reference: Any = None) -> Path:

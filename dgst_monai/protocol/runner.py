@@ -382,6 +382,35 @@ def _save_state(out: Path, spec: BenchmarkSpec, protocol: dict[str, Any], grid: 
     )
 
 
+def _split(out: Path, data: _Data, grid: Mapping[str, Any]) -> dict[str, Any]:
+    """``splits.json`` (made once: the seeded 8:2 split unless the datalist has a test list, and the few-shot
+    subsets) as the protocol's ``datalist``, and the qualitative figure's cases."""
+    from dgst_monai.data.datalists import load_split
+    from dgst_monai.data.splits import make_splits
+
+    splits = out / "splits.json"
+    if not splits.is_file():
+        _say(f"the split and few-shot subsets of {data.datalist}: {splits}")
+        make_splits(data.datalist, shots=grid["shots"], seeds=grid["seeds"], output=splits)
+    test_ids = sorted(c["case_id"] for c in load_split(splits, "test"))
+    # the qualitative figure's cases: the first two test ids, not hand-picked
+    return {"datalist": str(splits.resolve()), "save_cases": test_ids[:2]}
+
+
+def _jobs(out: Path, cells: Sequence[Cell], protocol: Mapping[str, Any], spec: BenchmarkSpec) -> list[Job]:
+    """A job per cell without a result; each cell folder gets its ``cell.json``."""
+    jobs = []
+    for cell in cells:
+        folder = out / "cells" / cell.id
+        if is_finished(folder):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        job_spec = {"cell": cell.as_dict(), "protocol": {**protocol, "keep_checkpoints": bool(spec.keep_checkpoints)}}
+        atomic_write_json(folder / CELL_FILE, job_spec)
+        jobs.append(Job("cell", folder, 0 if cell.method == FOUNDATION else int(protocol["iterations"]), spec.threads))
+    return jobs
+
+
 def run_benchmark(out: str | os.PathLike[str], spec: BenchmarkSpec | None = None, **options: Any) -> Path:
     """Run every cell of the grid that has no result yet, then write the report.
 
@@ -397,8 +426,6 @@ def run_benchmark(out: str | os.PathLike[str], spec: BenchmarkSpec | None = None
             others ran and the report was written).
         ValueError: bad arguments.
     """
-    from dgst_monai.data.datalists import load_split
-    from dgst_monai.data.splits import make_splits
     from dgst_monai.resources import find_bundle
 
     spec = dataclasses.replace(spec or BenchmarkSpec(), **options)
@@ -410,43 +437,26 @@ def run_benchmark(out: str | os.PathLike[str], spec: BenchmarkSpec | None = None
     overrides = _overrides(spec)
     configs = ["train.json", *_preset(spec.preset)[0]]
     epochs, per_epoch = _schedule(bundle_path, [*configs, "finetune.json"], overrides)
-    iterations = epochs * per_epoch
     eval_list = sorted(set(_ints(spec.eval_at, "--eval_at")))
-    late = [i for i in eval_list if not 1 <= i < iterations]
+    late = [i for i in eval_list if not 1 <= i < epochs * per_epoch]
     if late:
-        raise ValueError(f"--eval_at {late}: budget iterations must lie in 1..{iterations - 1} (the schedule has "
-                         f"{epochs} x {per_epoch} = {iterations}; the final checkpoint is always scored)")
+        raise ValueError(f"--eval_at {late}: budget iterations must lie in 1..{epochs * per_epoch - 1} (the schedule "
+                         f"has {epochs} x {per_epoch} = {epochs * per_epoch}; the final checkpoint is always scored)")
     executor = make_executor(spec.executor, out, spec.slurm)
     data = _data(spec, out, bundle_path, executor)
-
-    splits = out / "splits.json"
-    if not splits.is_file():
-        _say(f"the split (8:2, seed 0, unless the datalist has a test list) and few-shot subsets of {data.datalist}: {splits}")
-        make_splits(data.datalist, shots=grid["shots"], seeds=grid["seeds"], output=splits)
-    test_ids = sorted(c["case_id"] for c in load_split(splits, "test"))
     protocol = {
         "bundle": str(bundle_path),
         "configs": configs,
         "overrides": overrides,
-        "datalist": str(splits.resolve()),
+        **_split(out, data, grid),
         "foundation": str(data.foundation),
         "foundation_sha256": _sha256(data.foundation),
-        "iterations": iterations,
+        "iterations": epochs * per_epoch,
         "eval_at": eval_list,
-        "save_cases": test_ids[:2],  # the qualitative figure's cases: the first two test ids, not hand-picked
         "source_test": data.source_test,
     }
     _save_state(out, spec, protocol, grid, data, (epochs, per_epoch))
-
-    jobs = []
-    for cell in cells:
-        folder = out / "cells" / cell.id
-        if is_finished(folder):
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        job_spec = {"cell": cell.as_dict(), "protocol": {**protocol, "keep_checkpoints": bool(spec.keep_checkpoints)}}
-        atomic_write_json(folder / CELL_FILE, job_spec)
-        jobs.append(Job("cell", folder, 0 if cell.method == FOUNDATION else iterations, spec.threads))
+    jobs = _jobs(out, cells, protocol, spec)
     _say(f"{len(cells) - len(jobs)} of {len(cells)} cells already finished; running {len(jobs)} with {executor.name}")
     bars = Progress(jobs, enabled=spec.progress)
     try:
