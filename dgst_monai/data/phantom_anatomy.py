@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -247,9 +247,29 @@ def _vertebral_bodies(
         b.paint(column.z_cut(zc - disc_mm / 2, zc + disc_mm / 2), "soft_tissue", disc_hu, forbid=False)
 
 
+#: Cranio-caudal extent of the neck template (mm; the larynx lies near z 0).
+_HN_Z = (-70.0, 70.0)
+#: Cranio-caudal extent of the chest template (mm; the carina lies at z 0).
+_CHEST_Z = (-100.0, 100.0)
+
+# The builders below paint in the order they are called, and every paint step draws its random numbers when
+# it runs: splitting a template into region builders keeps both orders only if they are called in sequence.
+
+
 def _build_hn(b: _Builder) -> None:
     """Neck cross-section at cervical levels II-IV (template z -70..70 mm, larynx near z 0)."""
-    z0, z1 = -70.0, 70.0
+    _neck_body(b)
+    _neck_muscles(b)
+    _neck_glands_and_airway(b)
+    _cervical_spine(b)
+    _neck_vessels(b)
+    _neck_levels(b)
+    b.anat.tilt_max = math.radians(30.0)
+
+
+def _neck_body(b: _Builder) -> None:
+    """Skin over subcutaneous and deep cervical fat, the fat being the nodes' host and envelope."""
+    z0, z1 = _HN_Z
     ax, ay = 62.0 + b.j(4.0), 56.0 + b.j(3.0)
     body = b.tube([(z0, 0, 3, ax + 6, ay + 3, 0), (0, 0, 3, ax, ay, 0), (z1, 0, 1, ax - 2, ay - 1, 0)], power=2.3)
     b.paint(body, "soft_tissue", b.u(40.0, 60.0), forbid=False)  # skin
@@ -258,6 +278,10 @@ def _build_hn(b: _Builder) -> None:
     b.anat.hosts.append(inner)
     b.anat.envelope = inner
 
+
+def _neck_muscles(b: _Builder) -> None:
+    """Trapezius, paraspinal, levator scapulae, scalene, sternocleidomastoid, strap and longus muscles."""
+    z0, z1 = _HN_Z
     muscle = b.u(42.0, 60.0)
     for side in (-1.0, 1.0):
         m = muscle + b.j(3.0)
@@ -275,6 +299,10 @@ def _build_hn(b: _Builder) -> None:
                 "soft_tissue", m, "soft")  # strap muscles
         b.paint(b.tube([(z0, side * 8, 1, 5.5, 3, 0), (z1, side * 8, 1, 5, 3, 0)]), "soft_tissue", m)  # longus
 
+
+def _neck_glands_and_airway(b: _Builder) -> None:
+    """Thyroid and submandibular glands, oesophagus, and the larynx / trachea with its wall."""
+    z0, z1 = _HN_Z
     gland = b.u(35.0, 60.0)
     for side in (-1.0, 1.0):
         b.paint(b.ellipsoid((side * 17 + b.j(1), -22, -36 + b.j(3)), (7, 9, 18), side * 0.2), "soft_tissue", gland,
@@ -289,7 +317,10 @@ def _build_hn(b: _Builder) -> None:
     b.paint(lumen.offset(-2.5), "soft_tissue", b.u(40.0, 60.0))  # laryngeal / tracheal wall
     b.paint(lumen, "air", b.u(-1005.0, -995.0), forbid=False)
 
-    # Cervical spine: arch and canal, body with discs every ~17 mm, transverse processes with foramina.
+
+def _cervical_spine(b: _Builder) -> None:
+    """Arch and canal, body with discs every ~17 mm, transverse processes with foramina."""
+    z0, z1 = _HN_Z
     arch = b.tube([(z0, 0, 27, 12, 10, 0), (z1, 0, 27, 12, 10, 0)])
     b.paint(arch, "bone", b.u(800.0, 1200.0))
     b.paint(arch.offset(4.5), "soft_tissue", b.u(30.0, 40.0), forbid=False)  # canal (cord and CSF)
@@ -298,6 +329,10 @@ def _build_hn(b: _Builder) -> None:
     for side in (-1.0, 1.0):
         b.paint(b.tube([(z0, side * 15, 15, 7, 3.5, 0), (z1, side * 15, 15, 7, 3.5, 0)]), "bone", b.u(500.0, 800.0))
 
+
+def _neck_vessels(b: _Builder) -> None:
+    """Carotid, vertebral and jugular vessels of both sides."""
+    z0, z1 = _HN_Z
     for side in (-1.0, 1.0):
         big = b.u(1.0, 1.3) if side < 0 else b.u(0.7, 1.05)  # the right internal jugular is usually larger
         b.paint_vessel(b.circle(z0, 14, (side * 20, -10), (side * 20.5, -9), 4.0 + b.j(0.5)), "artery")  # CCA
@@ -309,8 +344,10 @@ def _build_hn(b: _Builder) -> None:
         b.paint_vessel(b.circle(z0, z1, (side * 15, 15), (side * 15, 15), 2.0), "artery")  # vertebral artery
         b.paint_vessel(b.circle(z0, 20, (side * 7, -44), (side * 8, -43), 1.5), "vein")  # anterior jugular
 
-    # Nodal levels (per side): II upper jugular, III mid, IV lower, V posterior triangle, Ib submandibular,
-    # VI central compartment.
+
+def _neck_levels(b: _Builder) -> None:
+    """Nodal levels (per side): II upper jugular, III mid, IV lower, V posterior triangle, Ib submandibular,
+    VI central compartment."""
     for side in (-1.0, 1.0):
         b.station("II", (side * 26, -26, 14), (side * 44, 0, 48), 0.30)
         b.station("III", (side * 26, -26, -14), (side * 44, -2, 16), 0.25)
@@ -318,12 +355,36 @@ def _build_hn(b: _Builder) -> None:
         b.station("V", (side * 36, 0, -40), (side * 52, 26, 40), 0.15)
         b.station("Ib", (side * 14, -44, 28), (side * 30, -30, 52), 0.08)
         b.station("VI", (side * 2, -48, -50), (side * 14, -30, -20), 0.07)
-    b.anat.tilt_max = math.radians(30.0)
+
+
+class _Chest(NamedTuple):
+    """The chest wall's draws that later chest structures build on."""
+
+    ax: float  # template semi-axes (mm) of the body outline
+    ay: float
+    sub: float  # depth (mm) of the chest-wall muscle layer under the skin
+    muscle: float  # muscle HU of this patient
+    cavity: Tube  # thoracic cavity: lungs and mediastinum
 
 
 def _build_mediastinum(b: _Builder) -> None:
     """Chest cross-section from the thoracic inlet to the top of the heart (template z -100..100, carina z 0)."""
-    z0, z1 = -100.0, 100.0
+    chest = _chest_wall(b)
+    _lungs(b, chest)
+    fat = _mediastinal_fat(b)
+    _paraspinal_muscles_and_ribs(b, chest)
+    _heart_top(b, fat)
+    _great_vessels(b)
+    air = _chest_airway(b)
+    _chest_oesophagus(b, air)
+    _thoracic_spine_and_sternum(b)
+    _iaslc_stations(b)
+    b.anat.tilt_max = math.radians(60.0)
+
+
+def _chest_wall(b: _Builder) -> _Chest:
+    """Skin, subcutaneous fat, the chest-wall muscle layer and the pectorals; returns what lies inside."""
+    z0, z1 = _CHEST_Z
     ax, ay = 125.0 + b.j(6.0), 95.0 + b.j(5.0)
     body = b.tube([(z0, 0, 0, ax + 5, ay + 4, 0), (z1, 0, -2, ax - 6, ay - 5, 0)], power=2.6)
     b.paint(body, "soft_tissue", b.u(40.0, 60.0), forbid=False)  # skin
@@ -334,18 +395,26 @@ def _build_mediastinum(b: _Builder) -> None:
     for side in (-1.0, 1.0):
         b.paint(b.tube([(z0, side * 62, -74, 40, 8, side * 0.3), (z1, side * 55, -72, 38, 9, side * 0.25)]),
                 "soft_tissue", muscle + b.j(3.0), forbid=False)  # pectoralis
+    return _Chest(ax, ay, sub, muscle, body.offset(sub + b.u(9.0, 12.0)))
 
-    cavity = body.offset(sub + b.u(9.0, 12.0))
+
+def _lungs(b: _Builder, chest: _Chest) -> None:
+    """Lung parenchyma filling the cavity (the nodes' envelope), then the pulmonary vessels."""
     base, grad = b.u(-860.0, -800.0), b.u(20.0, 60.0)
-    y_ant, y_post = -ay * b.sxy, ay * b.sxy
+    y_ant, y_post = -chest.ay * b.sxy, chest.ay * b.sxy
 
     def lung_hu(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         # Dependent (posterior) lung is denser in a supine patient.
         return base + grad * np.clip((y - y_ant) / (y_post - y_ant), 0.0, 1.0)
 
-    b.paint(cavity, "lung", lung_hu, forbid=False)
-    b.anat.envelope = cavity.offset(3.0)
-    for side in (-1.0, 1.0):  # pulmonary vessels branching out of each hilum
+    b.paint(chest.cavity, "lung", lung_hu, forbid=False)
+    b.anat.envelope = chest.cavity.offset(3.0)
+    _pulmonary_vessels(b, chest.cavity)
+
+
+def _pulmonary_vessels(b: _Builder, cavity: Tube) -> None:
+    """Pulmonary vessels branching out of each hilum, each kept 4 mm inside the cavity."""
+    for side in (-1.0, 1.0):
         hilum = b.point((side * 42, 6, -8))
         for _ in range(28):
             d = b.rng.normal(size=3)
@@ -365,6 +434,10 @@ def _build_mediastinum(b: _Builder) -> None:
             for i, r in enumerate((3.5, 2.5, 1.5)):
                 b.paint(Capsule(pts[i], pts[i + 1], r * b.u(0.8, 1.1)), *b.vessel(kind), forbid=False)
 
+
+def _mediastinal_fat(b: _Builder) -> float:
+    """Mediastinal and hilar fat, the nodes' hosts; returns this patient's fat HU."""
+    z0, z1 = _CHEST_Z
     fat = b.u(-110.0, -85.0)
     mediastinum = b.tube([(z0, 18, -18, 78, 72, 0), (-40, 10, -12, 62, 72, 0), (-10, 3, 0, 46, 74, 0),
                           (20, 1, 3, 38, 70, 0), (60, 0, 6, 30, 62, 0), (z1, 0, 8, 26, 55, 0)])
@@ -374,13 +447,18 @@ def _build_mediastinum(b: _Builder) -> None:
         hilar = b.ellipsoid((side * 40, 6, -12), (15, 20, 20))
         b.paint(hilar, "fat", fat + b.j(5.0), forbid=False)
         b.anat.hosts.append(hilar)
+    return fat
 
+
+def _paraspinal_muscles_and_ribs(b: _Builder, chest: _Chest) -> None:
+    """Paraspinal muscles, and ribs: arcs on the super-elliptic cavity outline, sloping down anteriorly (seen
+    as oblique bars in axial). A rib drops ~90 mm from its posterior to its anterior end, so a slice cuts each
+    one in a short bar."""
+    z0, z1 = _CHEST_Z
     for side in (-1.0, 1.0):
         b.paint(b.tube([(z0, side * 30, 74, 20, 13, side * 0.2), (z1, side * 28, 74, 19, 12, side * 0.2)]),
-                "soft_tissue", muscle + b.j(3.0), "soft")  # paraspinal
-    # Ribs: arcs on the super-elliptic cavity outline, sloping down anteriorly (seen as oblique bars in axial).
-    # A rib drops ~90 mm from its posterior to its anterior end, so a slice cuts each one in a short bar.
-    rx, ry = (ax - sub - 5.0) * b.sxy, (ay - sub - 5.0) * b.sxy
+                "soft_tissue", chest.muscle + b.j(3.0), "soft")  # paraspinal
+    rx, ry = (chest.ax - chest.sub - 5.0) * b.sxy, (chest.ay - chest.sub - 5.0) * b.sxy
     p = 2.0 / 2.6
     for side in (-1.0, 1.0):
         for zr in np.arange(-110.0, 190.0, 24.0) + b.j(4.0):
@@ -390,7 +468,9 @@ def _build_mediastinum(b: _Builder) -> None:
             z = (zr - 0.7 * (np.degrees(alpha) - 25.0)) * b.sz
             b.paint(polyline(np.stack([x, y, z], axis=1), 3.5), "bone", b.u(450.0, 800.0))
 
-    # Heart top: epicardial fat, myocardium, left and right blood pools.
+
+def _heart_top(b: _Builder, fat: float) -> None:
+    """Top of the heart: epicardial fat, myocardium, left and right blood pools."""
     yaw = 0.45 + b.j(0.1)
     hc = (18 + b.j(4), -22 + b.j(4), -92.0)
     b.paint(b.ellipsoid(hc, (66, 50, 60), yaw), "fat", fat + b.j(5.0))
@@ -398,7 +478,10 @@ def _build_mediastinum(b: _Builder) -> None:
     b.paint_vessel(b.ellipsoid((hc[0] + 17, hc[1] + 10, -92), (30, 24, 40), yaw), "artery")  # left ventricle
     b.paint_vessel(b.ellipsoid((hc[0] - 20, hc[1] - 16, -88), (30, 16, 38), yaw), "pulmonary")  # right ventricle
 
-    # Great vessels.
+
+def _great_vessels(b: _Builder) -> None:
+    """Aorta and its branches, pulmonary arteries, SVC, azygos, brachiocephalic vein, internal mammaries."""
+    z0, z1 = _CHEST_Z
     r_ao = 14.5 + b.j(1.5)
     b.paint_vessel(b.circle(-45, 28, (-10, -20), (-8, -16), r_ao), "artery")  # ascending aorta
     b.paint_vessel(b.poly([(-8, -16, 28), (-4, -2, 40), (10, 18, 43), (23, 32, 34)], r_ao - 1.0), "artery")  # arch
@@ -416,8 +499,10 @@ def _build_mediastinum(b: _Builder) -> None:
     for side in (-1.0, 1.0):
         b.paint_vessel(b.circle(z0, z1, (side * 30, -70), (side * 28, -68), 1.6), "artery")  # internal mammary
 
-    # Airway: trachea down to the carina at z 0, main and lobar bronchi; walls first, then the air.
-    trachea = b.tube([(0, 0, 8, 9.5, 8.5, 0), (z1, 0, 2, 9, 9, 0)])
+
+def _chest_airway(b: _Builder) -> float:
+    """Trachea down to the carina at z 0, main and lobar bronchi: walls first, then the air; returns the air HU."""
+    trachea = b.tube([(0, 0, 8, 9.5, 8.5, 0), (_CHEST_Z[1], 0, 2, 9, 9, 0)])
     bronchi = [
         ([(-3, 9, 2), (-18, 11, -8), (-40, 8, -18)], 7.0),
         ([(3, 9, 2), (20, 13, -12), (42, 10, -26)], 6.5),
@@ -434,13 +519,21 @@ def _build_mediastinum(b: _Builder) -> None:
     b.paint(trachea, "air", air, forbid=False)
     for pts, r in bronchi:
         b.paint(b.poly(pts, r), "air", air, forbid=False)
+    return air
 
+
+def _chest_oesophagus(b: _Builder, air: float) -> None:
+    """The oesophagus, in half of the patients with a little swallowed air in its lumen."""
+    z0, z1 = _CHEST_Z
     esophagus = b.tube([(z0, 8, 26, 8, 6, 0), (0, 5, 24, 8, 6, 0), (z1, 3, 24, 8, 6, 0)])
     b.paint(esophagus, "soft_tissue", b.u(35.0, 55.0))
-    if b.rng.random() < 0.5:  # a little swallowed air in the lumen
+    if b.rng.random() < 0.5:
         b.paint(b.tube([(-40, 6, 25, 1.5, 1.0, 0), (40, 4, 24, 1.5, 1.0, 0)]), "air", air, forbid=False)
 
-    # Thoracic spine and sternum.
+
+def _thoracic_spine_and_sternum(b: _Builder) -> None:
+    """Thoracic vertebrae (arch, canal, spinous and transverse processes, bodies with discs) and the sternum."""
+    z0, z1 = _CHEST_Z
     arch = b.tube([(z0, 0, 70, 13, 11, 0), (z1, 0, 70, 13, 11, 0)])
     b.paint(arch, "bone", b.u(800.0, 1200.0))
     b.paint(arch.offset(5.0), "soft_tissue", b.u(30.0, 40.0), forbid=False)  # canal
@@ -451,8 +544,10 @@ def _build_mediastinum(b: _Builder) -> None:
     _vertebral_bodies(b, b.tube([(z0, 0, 46, 16, 14, 0), (z1, 0, 46, 15, 13, 0)]), 2.0, (z0, z1), 26.0, 6.0)
     _cortical_bone(b, b.tube([(-60, 0, -84, 15, 5.5, 0), (z1, 0, -83, 14, 5.5, 0)]), 1.5)  # sternum
 
-    # IASLC stations (2R/2L upper paratracheal, 4R/4L lower paratracheal, 5 aortopulmonary, 6 para-aortic,
-    # 7 subcarinal, 8 paraoesophageal, 10R/10L hilar, 3A prevascular).
+
+def _iaslc_stations(b: _Builder) -> None:
+    """IASLC stations (2R/2L upper paratracheal, 4R/4L lower paratracheal, 5 aortopulmonary, 6 para-aortic,
+    7 subcarinal, 8 paraoesophageal, 10R/10L hilar, 3A prevascular)."""
     b.station("2R", (-22, -6, 42), (-8, 16, 75), 0.08)
     b.station("2L", (8, -6, 45), (22, 16, 75), 0.06)
     b.station("4R", (-28, -14, 6), (-10, 12, 40), 0.18)
@@ -464,8 +559,6 @@ def _build_mediastinum(b: _Builder) -> None:
     b.station("10R", (-46, -8, -28), (-28, 20, 2), 0.12)
     b.station("10L", (28, -8, -34), (46, 20, -2), 0.12)
     b.station("3A", (-22, -62, 14), (12, -40, 62), 0.02)
-    b.anat.tilt_max = math.radians(60.0)
-
 
 
 def build_anatomy(domain: str, rng: np.random.Generator, scale_xy: float, scale_z: float, phase: str) -> Anatomy:
@@ -495,6 +588,7 @@ def _fibonacci_sphere(n: int) -> np.ndarray:
 
 # Points checked when placing a node: its surface, an inner shell and its centre (unit-ball frame).
 _PROBE = np.concatenate([_fibonacci_sphere(64), 0.55 * _fibonacci_sphere(16), np.zeros((1, 3))])
+_N_CORE = len(_PROBE) - 64  # _PROBE rows after the 64 surface points: inner shell and centre
 
 
 def _min_sdf(shape: Shape, pts: np.ndarray) -> float:
@@ -540,90 +634,138 @@ def place_nodes(
     Returns:
         The placed nodes.
     """
-    weights = np.array([s.weight for s in anat.stations], dtype=np.float64)
-    weights /= weights.sum()
-    lo_ok = np.asarray(fov_lo, dtype=np.float64) + np.array([1.0, 1.0, 0.0])
-    hi_ok = np.asarray(fov_hi, dtype=np.float64) - np.array([1.0, 1.0, 0.0])
-    nodes: list[NodeSpec] = []
-    probes: list[np.ndarray] = []
-    hard, soft = anat.forbidden, anat.soft
-    h_lo, h_hi = (np.array([getattr(f, a) for f in hard]).reshape(-1, 3) for a in ("lo", "hi"))
-    s_lo_box, s_hi_box = (np.array([getattr(f, a) for f in soft]).reshape(-1, 3) for a in ("lo", "hi"))
-    n_core = len(_PROBE) - 64  # _PROBE rows after the 64 surface points: inner shell and centre
-
-    def clear(shapes: list[Shape], lo: np.ndarray, hi: np.ndarray, glo: np.ndarray, ghi: np.ndarray,
-              pts: np.ndarray) -> bool:
-        near = np.flatnonzero(np.all(lo <= ghi, axis=1) & np.all(glo <= hi, axis=1))
-        return not any(_min_sdf(shapes[i], pts) < gap_mm for i in near)
-
-    def in_hosts(pts: np.ndarray) -> bool:
-        p32 = pts.astype(np.float32)
-        inside = np.full(len(pts), np.inf, dtype=np.float32)
-        for host in anat.hosts:
-            inside = np.minimum(inside, host.sdf(p32[:, 0], p32[:, 1], p32[:, 2]))
-        return bool(np.all(inside <= -0.5))
-
-    s_lo, s_hi = short_axis_mm
+    placer = _NodePlacer(anat, fov_lo, fov_hi, hilum_fraction, gap_mm, bulky_mm)
     for _ in range(n):
-        top = s_hi
-        placed = False
-        for attempt in range(max_attempts):
-            if attempt and attempt % 80 == 0:
-                top = max(s_lo, s_lo + (top - s_lo) * 0.6)  # crowded: try smaller nodes
-            short = float(np.exp(rng.uniform(math.log(s_lo), math.log(max(top, s_lo) + 1e-9))))
-            short = min(max(short, s_lo), s_hi)
-            a1 = short / 2.0
-            a2 = a1 * rng.uniform(1.0, 1.35)
-            a3 = min(max(a2, a1 * rng.uniform(1.1, 2.2)), 25.0)
-            yaw, tilt, spin = rng.uniform(0, 2 * math.pi), rng.uniform(0, anat.tilt_max), rng.uniform(0, 2 * math.pi)
-            rot = rotation_matrix(yaw, tilt, spin)
-            k = int(rng.choice(len(anat.stations), p=weights))
-            st = anat.stations[k]
-            mates = [nd for nd in nodes if nd.station == st.name]
-            if mates and rng.random() < 0.5:
-                mate = mates[int(rng.integers(len(mates)))]
-                d = rng.normal(size=3)
-                d /= np.linalg.norm(d)
-                reach = mate.ellipsoid.axes.min() + a1 + gap_mm + rng.uniform(0.5, 4.0)
-                center = mate.ellipsoid.center + d * reach
-            else:
-                center = rng.uniform(st.lo, st.hi)
-            ell = Ellipsoid(center, np.array([a1, a2, a3]), rot)
-            if np.any(ell.lo < lo_ok) or np.any(ell.hi > hi_ok):
-                continue
-            pts = ell.surface_points(_PROBE)
-            glo, ghi = ell.lo - gap_mm, ell.hi + gap_mm
-            if short >= bulky_mm and anat.envelope is not None:
-                p32 = pts.astype(np.float32)
-                if not in_hosts(pts[-n_core:]) or np.any(anat.envelope.sdf(p32[:, 0], p32[:, 1], p32[:, 2]) > -0.5):
-                    continue
-            elif not in_hosts(pts) or not clear(soft, s_lo_box, s_hi_box, glo, ghi, pts):
-                continue
-            if not clear(hard, h_lo, h_hi, glo, ghi, pts):
-                continue
-            if any(
-                nd.ellipsoid.overlaps(glo, ghi) and (_min_sdf(nd.ellipsoid, pts) < gap_mm or _min_sdf(ell, pp) < gap_mm)
-                for nd, pp in zip(nodes, probes)
-            ):
-                continue
-            hu = float(rng.uniform(25.0, 55.0))
-            hilum = hilum_hu = None
-            if short >= 8.0 and rng.random() < hilum_fraction:
-                inner = np.array([a1, a2, a3]) * rng.uniform(0.35, 0.5, size=3)
-                # Push the hilum towards one side (the hilum is an indentation), keeping >= 1 mm of cortex.
-                shift = max(0.0, a1 - inner[0] - max(1.0, 0.15 * a1))
-                hilum = Ellipsoid(center + rot[:, 0] * shift, inner, rot)
-                hilum_hu = float(rng.uniform(-110.0, -85.0))
-            nodes.append(NodeSpec(st.name, ell, hu, hilum, hilum_hu))
-            probes.append(pts)
-            placed = True
-            break
-        if not placed:
+        if not placer.place(rng, short_axis_mm, max_attempts):
             warnings.warn(
-                f"placed {len(nodes)} of {n} lymph nodes: no free room left in the field of view "
+                f"placed {len(placer.nodes)} of {n} lymph nodes: no free room left in the field of view "
                 "(enlarge fov_mm or lower n_nodes / node_short_axis_mm)",
                 RuntimeWarning,
                 stacklevel=3,
             )
             break
-    return nodes
+    return placer.nodes
+
+
+def _boxes(shapes: list[Shape]) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounding-box corners of ``shapes``, one row each."""
+    lo, hi = (np.array([getattr(f, a) for f in shapes]).reshape(-1, 3) for a in ("lo", "hi"))
+    return lo, hi
+
+
+class _NodePlacer:
+    """Rejection sampling of lymph nodes in one anatomy, the rules of :func:`place_nodes`.
+
+    Holds the nodes placed so far (and their probe points), the normalised station weights, the field of
+    view shrunk by 1 mm in-plane, and the bounding boxes of the obstacles (only obstacles whose box comes
+    within ``gap_mm`` of a candidate's box are tested point by point).
+    """
+
+    def __init__(
+        self, anat: Anatomy, fov_lo: np.ndarray, fov_hi: np.ndarray, hilum_fraction: float, gap_mm: float,
+        bulky_mm: float,
+    ) -> None:
+        self.anat = anat
+        self.hilum_fraction = hilum_fraction
+        self.gap = gap_mm
+        self.bulky = bulky_mm
+        self.weights = np.array([s.weight for s in anat.stations], dtype=np.float64)
+        self.weights /= self.weights.sum()
+        self.lo_ok = np.asarray(fov_lo, dtype=np.float64) + np.array([1.0, 1.0, 0.0])
+        self.hi_ok = np.asarray(fov_hi, dtype=np.float64) - np.array([1.0, 1.0, 0.0])
+        self.hard_boxes = _boxes(anat.forbidden)
+        self.soft_boxes = _boxes(anat.soft)
+        self.nodes: list[NodeSpec] = []
+        self.probes: list[np.ndarray] = []
+
+    def place(self, rng: np.random.Generator, short_axis_mm: tuple[float, float], max_attempts: int) -> bool:
+        """Place one more node; False when ``max_attempts`` candidates in a row did not fit."""
+        s_lo, s_hi = short_axis_mm
+        top = s_hi
+        for attempt in range(max_attempts):
+            if attempt and attempt % 80 == 0:
+                top = max(s_lo, s_lo + (top - s_lo) * 0.6)  # crowded: try smaller nodes
+            short, station, ell = self._candidate(rng, s_lo, s_hi, top)
+            pts = self._probes_if_free(ell, short)
+            if pts is not None:
+                self._add(rng, station, short, ell, pts)
+                return True
+        return False
+
+    def _candidate(
+        self, rng: np.random.Generator, s_lo: float, s_hi: float, top: float
+    ) -> tuple[float, Station, Ellipsoid]:
+        """Draw a node: short axis (log-uniform up to ``top``), the other axes, orientation, station, centre."""
+        short = float(np.exp(rng.uniform(math.log(s_lo), math.log(max(top, s_lo) + 1e-9))))
+        short = min(max(short, s_lo), s_hi)
+        a1 = short / 2.0
+        a2 = a1 * rng.uniform(1.0, 1.35)
+        a3 = min(max(a2, a1 * rng.uniform(1.1, 2.2)), 25.0)
+        yaw, tilt, spin = rng.uniform(0, 2 * math.pi), rng.uniform(0, self.anat.tilt_max), rng.uniform(0, 2 * math.pi)
+        rot = rotation_matrix(yaw, tilt, spin)
+        station = self.anat.stations[int(rng.choice(len(self.anat.stations), p=self.weights))]
+        center = self._centre(rng, station, a1)
+        return short, station, Ellipsoid(center, np.array([a1, a2, a3]), rot)
+
+    def _centre(self, rng: np.random.Generator, station: Station, a1: float) -> np.ndarray:
+        """A centre in ``station``; half of the time next to a node already there, so that nodes cluster."""
+        mates = [nd for nd in self.nodes if nd.station == station.name]
+        if mates and rng.random() < 0.5:
+            mate = mates[int(rng.integers(len(mates)))]
+            d = rng.normal(size=3)
+            d /= np.linalg.norm(d)
+            reach = mate.ellipsoid.axes.min() + a1 + self.gap + rng.uniform(0.5, 4.0)
+            return mate.ellipsoid.center + d * reach
+        return rng.uniform(station.lo, station.hi)
+
+    def _probes_if_free(self, ell: Ellipsoid, short: float) -> np.ndarray | None:
+        """The probe points of ``ell`` if it fits the field of view, its host and its neighbours, else None."""
+        if np.any(ell.lo < self.lo_ok) or np.any(ell.hi > self.hi_ok):
+            return None
+        pts = ell.surface_points(_PROBE)
+        glo, ghi = ell.lo - self.gap, ell.hi + self.gap
+        if short >= self.bulky and self.anat.envelope is not None:
+            p32 = pts.astype(np.float32)
+            if not self._in_hosts(pts[-_N_CORE:]) or np.any(self.anat.envelope.sdf(p32[:, 0], p32[:, 1], p32[:, 2]) > -0.5):
+                return None
+        elif not self._in_hosts(pts) or not self._clear(self.anat.soft, self.soft_boxes, glo, ghi, pts):
+            return None
+        if not self._clear(self.anat.forbidden, self.hard_boxes, glo, ghi, pts):
+            return None
+        if any(
+            nd.ellipsoid.overlaps(glo, ghi) and (_min_sdf(nd.ellipsoid, pts) < self.gap or _min_sdf(ell, pp) < self.gap)
+            for nd, pp in zip(self.nodes, self.probes)
+        ):
+            return None
+        return pts
+
+    def _clear(
+        self, shapes: list[Shape], boxes: tuple[np.ndarray, np.ndarray], glo: np.ndarray, ghi: np.ndarray,
+        pts: np.ndarray,
+    ) -> bool:
+        """Whether ``pts`` keep ``gap_mm`` from each of ``shapes`` whose box meets the box [glo, ghi]."""
+        lo, hi = boxes
+        near = np.flatnonzero(np.all(lo <= ghi, axis=1) & np.all(glo <= hi, axis=1))
+        return not any(_min_sdf(shapes[i], pts) < self.gap for i in near)
+
+    def _in_hosts(self, pts: np.ndarray) -> bool:
+        """Whether every point lies at least 0.5 mm inside the union of the host regions."""
+        p32 = pts.astype(np.float32)
+        inside = np.full(len(pts), np.inf, dtype=np.float32)
+        for host in self.anat.hosts:
+            inside = np.minimum(inside, host.sdf(p32[:, 0], p32[:, 1], p32[:, 2]))
+        return bool(np.all(inside <= -0.5))
+
+    def _add(self, rng: np.random.Generator, station: Station, short: float, ell: Ellipsoid, pts: np.ndarray) -> None:
+        """Keep ``ell``: draw its HU and, for a node of 8 mm or more, maybe a fatty hilum."""
+        hu = float(rng.uniform(25.0, 55.0))
+        hilum = hilum_hu = None
+        if short >= 8.0 and rng.random() < self.hilum_fraction:
+            a1 = short / 2.0
+            inner = ell.axes * rng.uniform(0.35, 0.5, size=3)
+            # Push the hilum towards one side (the hilum is an indentation), keeping >= 1 mm of cortex.
+            shift = max(0.0, a1 - inner[0] - max(1.0, 0.15 * a1))
+            hilum = Ellipsoid(ell.center + ell.rot[:, 0] * shift, inner, ell.rot)
+            hilum_hu = float(rng.uniform(-110.0, -85.0))
+        self.nodes.append(NodeSpec(station.name, ell, hu, hilum, hilum_hu))
+        self.probes.append(pts)
