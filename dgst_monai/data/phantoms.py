@@ -72,7 +72,7 @@ import math
 import os
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -383,6 +383,29 @@ def _slab_mean(fine: np.ndarray, nsub: int) -> np.ndarray:
     return acc
 
 
+class _Job(NamedTuple):
+    """A paint clipped to the voxels it can touch: x range [ia, ib), y range [ja, jb), and slice ranges."""
+
+    paint: Paint
+    ia: int
+    ib: int
+    ja: int
+    jb: int
+    ranges: list[tuple[int, int, int]]  # (k0, k1, d): slices k0..k1 sampled on d sub-slices each
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """The grid as painting uses it: float32 voxel centres shaped to broadcast, and the sub-slice sampling."""
+
+    xg: np.ndarray  # (nx, 1, 1) voxel-centre x, float32
+    yg: np.ndarray  # (1, ny, 1) voxel-centre y, float32
+    zs: np.ndarray  # (nz,) slice centres, float64
+    thickness: float
+    nsub: int  # sub-slices per slice
+    inv_h: np.float32  # 1 / in-plane pixel size: signed distance to occupancy ramp
+
+
 def _render(
     paints: list[Paint], grid: _Grid, z_step: float, debug: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -401,13 +424,32 @@ def _render(
     f32 = np.float32
     xs, ys, zs = grid.xs.astype(f32), grid.ys.astype(f32), grid.zs.astype(np.float64)
     nx, ny, nz = len(xs), len(ys), len(zs)
-    t = grid.thickness
-    nsub = max(1, math.ceil(t / z_step - 1e-6))
+    nsub = max(1, math.ceil(grid.thickness / z_step - 1e-6))
     h = math.sqrt(grid.spacing[0] * grid.spacing[1])
-    inv_h = f32(1.0 / h)
-    divisors = [d for d in range(1, nsub + 1) if nsub % d == 0]
+    sampling = _Sampling(xs[:, None, None], ys[None, :, None], zs, grid.thickness, nsub, f32(1.0 / h))
+    jobs = _paint_jobs(paints, grid, nsub, h)
 
-    jobs = []  # (paint, ia, ib, ja, jb, [(k0, k1, d), ...]) with slice ranges and their sub-sample counts
+    img = np.empty((nx, ny, nz), f32)
+    occ_ln = np.zeros((nx, ny, nz), f32)
+    tissue = np.empty((nx, ny, nz), np.uint8) if debug else None
+    chunk = max(1, 64 // nsub)
+    for c0 in range(0, nz, chunk):
+        c1 = min(nz, c0 + chunk)
+        fine, fine_ln, debug_maps = _paint_chunk(jobs, sampling, c0, c1, debug)
+        img[:, :, c0:c1] = _slab_mean(fine, nsub)
+        if fine_ln is not None:
+            occ_ln[:, :, c0:c1] = _slab_mean(fine_ln, nsub)
+        if debug_maps is not None:
+            tissue[:, :, c0:c1] = _pure_tissue(*debug_maps, nsub)
+    return img, occ_ln, tissue
+
+
+def _paint_jobs(paints: list[Paint], grid: _Grid, nsub: int, h: float) -> list[_Job]:
+    """Clip every paint to the voxels within ``h`` of its bounding box (dropping paints outside the grid) and
+    choose its sub-slice sampling per slice range."""
+    zs, t = grid.zs, grid.thickness
+    divisors = [d for d in range(1, nsub + 1) if nsub % d == 0]
+    jobs = []
     for p in paints:
         lo, hi = p.shape.lo, p.shape.hi
         ia, ib = _index_range(grid.xs, lo[0] - h, hi[0] + h)
@@ -427,60 +469,77 @@ def _render(
             i1 = min(kb, int(np.searchsorted(zs + t / 2, hi[2] - h, "right")))
             if i0 < i1:
                 ranges = [r for r in ((ka, i0, nsub), (i0, i1, d), (i1, kb, nsub)) if r[0] < r[1]]
-        jobs.append((p, ia, ib, ja, jb, ranges))
+        jobs.append(_Job(p, ia, ib, ja, jb, ranges))
+    return jobs
 
-    img = np.empty((nx, ny, nz), f32)
-    occ_ln = np.zeros((nx, ny, nz), f32)
-    tissue = np.empty((nx, ny, nz), np.uint8) if debug else None
-    chunk = max(1, 64 // nsub)
-    xg, yg = xs[:, None, None], ys[None, :, None]
-    for c0 in range(0, nz, chunk):
-        c1 = min(nz, c0 + chunk)
-        fine = np.full((nx, ny, (c1 - c0) * nsub), f32(-1000.0), f32)
-        fine_ln = None
-        if debug:
-            t_fine = np.full(fine.shape, TISSUES["air"].id, np.uint8)
-            p_fine = np.ones(fine.shape, bool)
-        for p, ia, ib, ja, jb, ranges in jobs:
-            for k0, k1, d in ranges:
-                a, b = max(k0, c0), min(k1, c1)
-                if a >= b:
-                    continue
-                nk, r = b - a, nsub // d
-                zg = (zs[a:b, None] + t * ((np.arange(d) + 0.5) / d - 0.5)[None, :]).ravel().astype(f32)
-                zg = zg[None, None, :]
-                sd = p.shape.sdf(xg[ia:ib], yg[:, ja:jb], zg)
-                occ = f32(0.5) - sd * inv_h
-                np.clip(occ, 0.0, 1.0, out=occ)
-                shape5 = (ib - ia, jb - ja, nk, d, 1)
-                occ = np.broadcast_to(occ, (ib - ia, jb - ja, nk * d)).reshape(shape5)
-                sl = (slice(ia, ib), slice(ja, jb), slice((a - c0) * nsub, (b - c0) * nsub))
-                view = fine[sl].reshape(ib - ia, jb - ja, nk, d, r)  # splitting an axis: a view, not a copy
-                if callable(p.hu):
-                    hu = np.broadcast_to(p.hu(xg[ia:ib], yg[:, ja:jb], zg), (ib - ia, jb - ja, nk * d)).reshape(shape5)
-                else:
-                    hu = f32(p.hu)
-                view += occ * (hu - view)
-                if p.label:
-                    if fine_ln is None:
-                        fine_ln = np.zeros(fine.shape, f32)
-                    lv = fine_ln[sl].reshape(view.shape)
-                    lv += occ * (1.0 - lv)
-                if debug:
-                    tv = t_fine[sl].reshape(view.shape)
-                    pv = p_fine[sl].reshape(view.shape)
-                    full = np.broadcast_to(occ, view.shape)
-                    tv[full > 0.5] = TISSUES[p.tissue].id
-                    pv[(full > 1e-3) & (full < 1.0 - 1e-3)] = False
-                    pv[full >= 1.0 - 1e-3] = True
-        img[:, :, c0:c1] = _slab_mean(fine, nsub)
-        if fine_ln is not None:
-            occ_ln[:, :, c0:c1] = _slab_mean(fine_ln, nsub)
-        if debug:
-            tr = t_fine.reshape(nx, ny, c1 - c0, nsub)
-            pure = p_fine.reshape(nx, ny, c1 - c0, nsub).all(axis=3) & (tr == tr[..., :1]).all(axis=3)
-            tissue[:, :, c0:c1] = np.where(pure, tr[..., 0], MIXED_TISSUE)
-    return img, occ_ln, tissue
+
+def _paint_chunk(
+    jobs: list[_Job], s: _Sampling, c0: int, c1: int, debug: bool
+) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+    """Composite every job on the sub-slices of slices c0..c1.
+
+    Returns:
+        HU, lymph-node occupancy (None where no node reaches these slices) and, with ``debug``, the tissue id
+        and the purity of every sub-voxel.
+    """
+    nx, ny = s.xg.shape[0], s.yg.shape[1]
+    fine = np.full((nx, ny, (c1 - c0) * s.nsub), np.float32(-1000.0), np.float32)
+    fine_ln = None
+    t_fine = np.full(fine.shape, TISSUES["air"].id, np.uint8) if debug else None
+    p_fine = np.ones(fine.shape, bool) if debug else None
+    for job in jobs:
+        for k0, k1, d in job.ranges:
+            a, b = max(k0, c0), min(k1, c1)
+            if a >= b:
+                continue
+            occ, hu = _occupancy_and_hu(job, s, a, b, d)
+            sl = (slice(job.ia, job.ib), slice(job.ja, job.jb), slice((a - c0) * s.nsub, (b - c0) * s.nsub))
+            # splitting an axis: a view, not a copy
+            view = fine[sl].reshape(job.ib - job.ia, job.jb - job.ja, b - a, d, s.nsub // d)
+            view += occ * (hu - view)
+            if job.paint.label:
+                if fine_ln is None:
+                    fine_ln = np.zeros(fine.shape, np.float32)
+                lv = fine_ln[sl].reshape(view.shape)
+                lv += occ * (1.0 - lv)
+            if debug:
+                full = np.broadcast_to(occ, view.shape)
+                _mark_tissue(t_fine[sl].reshape(view.shape), p_fine[sl].reshape(view.shape), full, job.paint.tissue)
+    return fine, fine_ln, (t_fine, p_fine) if debug else None
+
+
+def _occupancy_and_hu(job: _Job, s: _Sampling, a: int, b: int, d: int) -> tuple[np.ndarray, np.ndarray | np.float32]:
+    """Volume fraction and HU of ``job``'s paint on slices a..b sampled at ``d`` sub-slices each, shaped
+    (x, y, slice, d, 1) to broadcast over each sample's share of the slice's sub-slices."""
+    f32 = np.float32
+    p, nk = job.paint, b - a
+    zg = (s.zs[a:b, None] + s.thickness * ((np.arange(d) + 0.5) / d - 0.5)[None, :]).ravel().astype(f32)
+    zg = zg[None, None, :]
+    xg, yg = s.xg[job.ia : job.ib], s.yg[:, job.ja : job.jb]
+    sd = p.shape.sdf(xg, yg, zg)
+    occ = f32(0.5) - sd * s.inv_h
+    np.clip(occ, 0.0, 1.0, out=occ)
+    box = (job.ib - job.ia, job.jb - job.ja, nk * d)
+    shape5 = (job.ib - job.ia, job.jb - job.ja, nk, d, 1)
+    occ = np.broadcast_to(occ, box).reshape(shape5)
+    hu = np.broadcast_to(p.hu(xg, yg, zg), box).reshape(shape5) if callable(p.hu) else f32(p.hu)
+    return occ, hu
+
+
+def _mark_tissue(tv: np.ndarray, pv: np.ndarray, occ: np.ndarray, tissue: str) -> None:
+    """Debug maps of one paint: its class where it fills over half a sub-voxel; the sub-voxels it fills
+    partly become mixed, those it fills wholly pure."""
+    tv[occ > 0.5] = TISSUES[tissue].id
+    pv[(occ > 1e-3) & (occ < 1.0 - 1e-3)] = False
+    pv[occ >= 1.0 - 1e-3] = True
+
+
+def _pure_tissue(t_fine: np.ndarray, p_fine: np.ndarray, nsub: int) -> np.ndarray:
+    """Tissue id of each slice voxel whose sub-voxels are all pure and of one class; MIXED_TISSUE elsewhere."""
+    nx, ny = t_fine.shape[:2]
+    tr = t_fine.reshape(nx, ny, -1, nsub)
+    pure = p_fine.reshape(nx, ny, -1, nsub).all(axis=3) & (tr == tr[..., :1]).all(axis=3)
+    return np.where(pure, tr[..., 0], MIXED_TISSUE)
 
 
 def _node_paints(nodes: list[NodeSpec]) -> list[Paint]:
@@ -542,28 +601,73 @@ def synthesize_case(
         ValueError: unknown domain or knob, a knob out of range, or a bad seed.
     """
     knobs = resolve_knobs(domain, **knobs)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    seed = int(seed)
+    seed = _seed_value(seed)
     # Independent streams: the anatomy does not change when only the grid, kernel or noise knobs change.
     r_geo, r_anat, r_nodes, r_noise = (
         np.random.default_rng(s) for s in np.random.SeedSequence([seed, DOMAINS.index(domain)]).spawn(4)
     )
-    s_lo, s_hi = knobs["anatomy_scale"]
-    scale_xy = float(r_geo.uniform(s_lo, s_hi))
-    scale_z = float(np.clip(scale_xy * r_geo.uniform(0.95, 1.05), 0.8, 1.2))
-    offset = np.array([r_geo.uniform(lo, hi) for lo, hi in _WORLD_OFFSET[domain]])
+    scale_xy, scale_z, offset = _patient_draws(domain, knobs["anatomy_scale"], r_geo)
     grid = _make_grid(domain, knobs, r_geo)
 
     anat: Anatomy = build_anatomy(domain, r_anat, scale_xy, scale_z, knobs["contrast_phase"])
     nn = knobs["n_nodes"]
     n_nodes = int(r_nodes.integers(nn[0], nn[1] + 1)) if isinstance(nn, tuple) else nn
+    # Called here, not in a helper: its warning names the caller of synthesize_case (stacklevel 3).
     nodes = place_nodes(r_nodes, anat, grid.lo, grid.hi, n_nodes, knobs["node_short_axis_mm"], knobs["hilum_fraction"])
 
     clean, occ, tissue = _render(anat.paints + _node_paints(nodes), grid, knobs["z_step_mm"], debug)
     label = (occ > 0.5).astype(np.uint8)
+    image = _reconstruct(clean, grid.spacing, knobs, r_noise)
 
-    sx, sy, _ = grid.spacing
+    orientation = knobs["orientation"]
+    affine = _affine(grid, offset, orientation)
+    if orientation == "RAS":
+        image, label = _flip_xy(image, label)
+        if debug:
+            clean, occ, tissue = _flip_xy(clean, occ, tissue)
+    return PhantomCase(
+        image=image,
+        label=label,
+        affine=affine,
+        spacing=tuple(float(s) for s in grid.spacing),
+        domain=domain,
+        case_id=case_id or f"{domain}_{seed:04d}",
+        knobs=knobs,
+        seed=seed,
+        nodes=_lymph_nodes(nodes, offset, affine),
+        tissue=tissue if debug else None,
+        clean=clean if debug else None,
+        occupancy=occ if debug else None,
+    )
+
+
+def _seed_value(seed: Any) -> int:
+    """``seed`` as an int.
+
+    Raises:
+        ValueError: not a non-negative integer.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _patient_draws(
+    domain: str, anatomy_scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[float, float, np.ndarray]:
+    """This patient's in-plane and cranio-caudal scale and the world (LPS) position of its anatomy centre."""
+    s_lo, s_hi = anatomy_scale
+    scale_xy = float(rng.uniform(s_lo, s_hi))
+    scale_z = float(np.clip(scale_xy * rng.uniform(0.95, 1.05), 0.8, 1.2))
+    offset = np.array([rng.uniform(lo, hi) for lo, hi in _WORLD_OFFSET[domain]])
+    return scale_xy, scale_z, offset
+
+
+def _reconstruct(
+    clean: np.ndarray, spacing: tuple[float, float, float], knobs: dict[str, Any], rng: np.random.Generator
+) -> np.ndarray:
+    """The scanner's image of ``clean``: in-plane kernel blur, kernel-shaped noise, int16 HU."""
+    sx, sy, _ = spacing
     blur = _blur_sigma_mm(knobs["recon_kernel"])
     # The slice profile already blurred z; the reconstruction kernel acts in-plane.
     if blur > 0:
@@ -571,17 +675,18 @@ def synthesize_case(
     else:
         img = clean.copy()
     corr = 0.2 + 0.6 * blur  # noise grain (mm) grows with kernel smoothness
-    _add_noise(img, knobs["noise_sigma"], (corr / sx, corr / sy), r_noise)
-    image = np.rint(np.clip(img, _HU_MIN, _HU_MAX)).astype(np.int16)
+    _add_noise(img, knobs["noise_sigma"], (corr / sx, corr / sy), rng)
+    return np.rint(np.clip(img, _HU_MIN, _HU_MAX)).astype(np.int16)
 
-    orientation = knobs["orientation"]
-    affine = _affine(grid, offset, orientation)
-    if orientation == "RAS":
-        flip = (slice(None, None, -1), slice(None, None, -1), slice(None))
-        image, label = np.ascontiguousarray(image[flip]), np.ascontiguousarray(label[flip])
-        if debug:
-            clean, occ, tissue = (np.ascontiguousarray(a[flip]) for a in (clean, occ, tissue))
 
+def _flip_xy(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The arrays with x and y reversed (LPS to RAS array order), contiguous."""
+    flip = (slice(None, None, -1), slice(None, None, -1), slice(None))
+    return tuple(np.ascontiguousarray(a[flip]) for a in arrays)
+
+
+def _lymph_nodes(nodes: list[NodeSpec], offset: np.ndarray, affine: np.ndarray) -> tuple[LymphNode, ...]:
+    """The placed nodes as the case reports them: world RAS and voxel centres, sorted semi-axes."""
     inv = np.linalg.inv(affine)
     lymph_nodes = []
     for nd in nodes:
@@ -601,20 +706,7 @@ def synthesize_case(
                 hu=nd.hu,
             )
         )
-    return PhantomCase(
-        image=image,
-        label=label,
-        affine=affine,
-        spacing=tuple(float(s) for s in grid.spacing),
-        domain=domain,
-        case_id=case_id or f"{domain}_{seed:04d}",
-        knobs=knobs,
-        seed=seed,
-        nodes=tuple(lymph_nodes),
-        tissue=tissue if debug else None,
-        clean=clean if debug else None,
-        occupancy=occ if debug else None,
-    )
+    return tuple(lymph_nodes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -695,16 +787,7 @@ def write_synthetic_dataset(
         ValueError: bad domain, n, n_test, seed or knob (before anything is written).
     """
     resolved = resolve_knobs(domain, **knobs)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive integer (number of cases), got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if n_test is None:
-        n_test = max(1, round(0.2 * n)) if n >= 2 else 0
-    if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or not 0 <= n_test < n:
-        raise ValueError(f"n_test must be an integer in 0..{n - 1} (at least one training case), got {n_test!r}")
-    n, n_test, seed = int(n), int(n_test), int(seed)
-
+    n, n_test, seed = _dataset_sizes(n, n_test, seed)
     out = pathlib.Path(out_dir)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs") if n_test else ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -726,17 +809,8 @@ def write_synthetic_dataset(
         case_seeds[case_id] = case_seed
         if not is_test:
             fg_values.append(foreground_sample(case.image, case.label, case_id))
-
     datalist = {
-        "name": f"dgst_synthetic_{domain}",
-        "domain": domain,
-        "description": (
-            f"Synthetic {'head-and-neck' if domain == 'hn' else 'mediastinal'} CT with lymph-node labels "
-            f"generated by dgst_monai.data.phantoms (dataset seed {seed}); "
-            f"{'source' if domain == 'hn' else 'target'} domain stand-in."
-        ),
-        "labels": {"0": "background", "1": "lymph_node"},
-        "modality": {"0": "CT"},
+        **_synthetic_header(domain, seed),
         "intensity_properties": intensity_properties_of(fg_values),
         "knobs": _jsonable(resolved),
         "seed": seed,
@@ -747,3 +821,34 @@ def write_synthetic_dataset(
         "test": test,
     }
     return atomic_write_json(out / "datalist.json", datalist)
+
+
+def _dataset_sizes(n: Any, n_test: Any, seed: Any) -> tuple[int, int, int]:
+    """Checked ``n``, ``n_test`` (its default filled in) and ``seed`` of :func:`write_synthetic_dataset`.
+
+    Raises:
+        ValueError: a value out of its range; the message names it.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer (number of cases), got {n!r}")
+    seed = _seed_value(seed)
+    if n_test is None:
+        n_test = max(1, round(0.2 * n)) if n >= 2 else 0
+    if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or not 0 <= n_test < n:
+        raise ValueError(f"n_test must be an integer in 0..{n - 1} (at least one training case), got {n_test!r}")
+    return int(n), int(n_test), seed
+
+
+def _synthetic_header(domain: str, seed: int) -> dict[str, Any]:
+    """The descriptive head of a synthetic set's datalist: name, domain, description, labels, modality."""
+    return {
+        "name": f"dgst_synthetic_{domain}",
+        "domain": domain,
+        "description": (
+            f"Synthetic {'head-and-neck' if domain == 'hn' else 'mediastinal'} CT with lymph-node labels "
+            f"generated by dgst_monai.data.phantoms (dataset seed {seed}); "
+            f"{'source' if domain == 'hn' else 'target'} domain stand-in."
+        ),
+        "labels": {"0": "background", "1": "lymph_node"},
+        "modality": {"0": "CT"},
+    }
