@@ -9,8 +9,11 @@ the same two bars (cells, training iterations) whichever executor runs them.
   (``python -m dgst_monai.protocol.cell``), one at a time, its output in ``<folder>/log.txt``. The process dies
   with the runner (Linux ``PR_SET_PDEATHSIG``), so killing the runner stops the cell in progress too.
 * :class:`SubmititExecutor` (``--executor slurm``): the jobs as one submitit job array
-  (``AutoExecutor.map_array``); submitit's ``cluster="local"`` runs the same array as local processes, which is
-  how the cluster path is tested (``--executor submitit-local``).
+  (``AutoExecutor.map_array``); submitit's ``cluster="local"`` runs the same array as local processes
+  (``--executor submitit-local``). A job has succeeded when its folder holds its result (``result.json``, or the
+  pre-training's ``done.json``) and failed when the scheduler lists it as ended (Slurm: ``squeue``) without one,
+  so it needs neither Slurm's accounting (``sacct``) nor submitit's result pickles. Each job writes ``job.json``
+  (cluster, job id, host) into its folder when it starts.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dgst_monai.files import read_json
+from dgst_monai.files import atomic_write_json, read_json
 
 __all__ = [
     "EXECUTORS",
@@ -36,10 +39,17 @@ __all__ = [
     "SubmititExecutor",
     "make_executor",
     "run_job",
+    "slurm_states",
     "thread_environment",
 ]
 
 LOG_FILE = "log.txt"
+#: What a job writes into its folder when it starts: the cluster, the job id (Slurm: ``<array job>_<task>``), host.
+JOB_FILE = "job.json"
+#: Slurm states of a job that has ended (``squeue --states=all``). PREEMPTED is not one: Slurm may requeue the job.
+#: A job that ``squeue`` no longer lists (``MinJobAge`` after its end) has ended too.
+SLURM_ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                         "TIMEOUT"})
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,13 @@ class Job:
         """Short name for the bars and messages."""
         return "foundation pre-training" if self.kind == "pretrain" else self.folder.name
 
+    @property
+    def result_file(self) -> Path:
+        """The file the job writes last, when it has succeeded: ``done.json`` or the cell's ``result.json``."""
+        from dgst_monai.protocol.cell import RESULT_FILE  # here: a job process sets its threads before torch loads
+
+        return self.folder / ("done.json" if self.kind == "pretrain" else RESULT_FILE)
+
 
 def thread_environment(threads: int | None) -> dict[str, str]:
     """Environment of a job process: its thread count, and idle OpenMP threads that sleep instead of spinning.
@@ -71,8 +88,17 @@ def thread_environment(threads: int | None) -> dict[str, str]:
     return env
 
 
+def _record_job(folder: Path) -> None:
+    """Write :data:`JOB_FILE` into ``folder``: where this submitit job runs, for the user and the tests."""
+    import submitit
+
+    environment = submitit.JobEnvironment()
+    record = {"cluster": environment.cluster, "job_id": environment.job_id, "host": environment.hostname}
+    atomic_write_json(folder / JOB_FILE, record)
+
+
 def run_job(kind: str, folder: str, threads: int | None = None) -> str:
-    """Run one job in this process (what a local process and a submitit job call); returns the folder."""
+    """Run one job in this submitit job's process; returns the folder."""
     os.environ.update(thread_environment(threads))  # before torch is imported below, so OpenMP reads it
     import torch
 
@@ -80,6 +106,7 @@ def run_job(kind: str, folder: str, threads: int | None = None) -> str:
 
     if threads is not None:
         torch.set_num_threads(int(threads))
+    _record_job(Path(folder))
     if kind == "pretrain":
         pretrain(folder)
     elif kind == "cell":
@@ -182,8 +209,28 @@ class LocalExecutor:
         return failures
 
 
+def slurm_states() -> dict[str, str] | None:
+    """This user's Slurm jobs and their states from ``squeue``, e.g. ``{"123_0": "RUNNING", "124": "CANCELLED"}``.
+
+    Array tasks are listed one by one (``<array job>_<task>``, submitit's job ids); ended jobs stay listed for
+    Slurm's ``MinJobAge`` (300 s by default). Returns None when ``squeue`` does not answer.
+    """
+    command = ["squeue", "--noheader", "--array", "--states=all", f"--user={os.getuid()}", "--format=%i|%T"]
+    try:
+        listing = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):  # a busy or restarting controller: ask again later
+        return None
+    return dict(line.strip().split("|", 1) for line in listing.splitlines() if "|" in line)
+
+
 class SubmititExecutor:
     """Run jobs as one submitit job array: Slurm on a cluster, or submitit's local executor for trying it out.
+
+    A job has succeeded once its :attr:`Job.result_file` exists. It has failed when the scheduler lists it as
+    ended (Slurm: ``squeue``, see :func:`slurm_states`; local: its process has exited) at two state queries in a
+    row and the file is still missing: one query's grace for a shared file system that shows the file late. So
+    ``scancel`` on a job makes it fail in this run, and neither Slurm's accounting (``sacct``, which submitit's
+    own job states need) nor submitit's result pickles are used.
 
     Args:
         folder: submitit's folder (job scripts, pickles, each job's stdout / stderr).
@@ -191,7 +238,8 @@ class SubmititExecutor:
         parameters: submitit parameters (``AutoExecutor.update_parameters``), e.g. ``{"slurm_partition": "gpu",
             "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "timeout_min": 720,
             "slurm_array_parallelism": 16}``. ``timeout_min`` defaults to 720.
-        poll_seconds: how often job states and the bars are refreshed.
+        poll_seconds: how often the result files and the bars are refreshed.
+        state_seconds: how often the scheduler is asked for the jobs' states.
 
     Example::
 
@@ -204,6 +252,7 @@ class SubmititExecutor:
         cluster: str | None = "slurm",
         parameters: Mapping[str, Any] | None = None,
         poll_seconds: float = 2.0,
+        state_seconds: float = 15.0,
     ) -> None:
         try:
             import submitit
@@ -215,28 +264,58 @@ class SubmititExecutor:
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         self.executor.update_parameters(**{"timeout_min": 720, "name": "dgst-benchmark", **dict(parameters or {})})
         self.poll_seconds = poll_seconds
+        self.state_seconds = state_seconds
+
+    def _ended(self, handles: Sequence[Any]) -> dict[str, str] | None:
+        """``{job id: state}`` of the ``handles`` whose job has ended; None when the scheduler did not answer."""
+        if self.executor.cluster != "slurm":
+            return {h.job_id: h.state for h in handles if h.done()}
+        states = slurm_states()
+        if states is None:
+            return None
+        return {
+            h.job_id: states.get(h.job_id, "no longer listed by squeue")
+            for h in handles
+            if h.job_id not in states or states[h.job_id] in SLURM_ENDED
+        }
 
     def run(self, jobs: Sequence[Job], progress: Progress) -> dict[str, str]:
         """Submit ``jobs`` as one array, follow them to the end; returns ``{job name: error}`` of the failed ones."""
         if not jobs:
             return {}
+        for job in jobs:  # a result left by an earlier run with other settings must not count for this one
+            job.result_file.unlink(missing_ok=True)
         handles = self.executor.map_array(
             run_job, [j.kind for j in jobs], [str(j.folder) for j in jobs], [j.threads for j in jobs]
         )
         pending = dict(zip(jobs, handles))
         failures: dict[str, str] = {}
+        ended_before: set[str] = set()
+        next_query = time.monotonic() + self.state_seconds
         while pending:
+            ended = None
+            if time.monotonic() >= next_query:
+                ended, next_query = self._ended(list(pending.values())), time.monotonic() + self.state_seconds
             for job, handle in list(pending.items()):
-                if handle.done():
-                    error = handle.exception()
-                    if error is not None:
-                        failures[job.name] = f"{type(error).__name__}: {str(error).strip()[-2000:]}"
-                    del pending[job]
-                    progress.finished(job)
+                if not job.result_file.is_file():
+                    if ended is None or handle.job_id not in ended or handle.job_id not in ended_before:
+                        continue  # still running, or ended a moment ago: its result may yet show up
+                    failures[job.name] = _job_error(job, handle, ended[handle.job_id])
+                del pending[job]
+                progress.finished(job)
+            if ended is not None:
+                ended_before = set(ended)
             progress.poll(list(pending))
             if pending:
                 time.sleep(self.poll_seconds)
         return failures
+
+
+def _job_error(job: Job, handle: Any, state: str) -> str:
+    """Why ``job`` failed: its scheduler state and the end of its error log."""
+    log = Path(handle.paths.stderr)
+    tail = log.read_text(encoding="utf-8", errors="replace").strip()[-2000:] if log.is_file() else ""
+    return f"job {handle.job_id} ended ({state}) without {job.result_file.name}; see {log}" + (f"\n{tail}" if tail else "")
 
 
 #: ``--executor`` values.
