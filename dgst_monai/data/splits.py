@@ -27,7 +27,7 @@ from typing import Any
 
 from dgst_monai.data.cases import with_case_ids
 from dgst_monai.files import atomic_write_json, read_json
-from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE
+from dgst_monai.normalization import DEFAULT_SAMPLES_PER_CASE, intensity_properties
 
 __all__ = ["make_splits", "nested_shots", "parse_int_list", "ranked", "train_test_split"]
 
@@ -152,19 +152,12 @@ def make_splits(
     Raises:
         ValueError: duplicate case ids, too few cases, k above the training count, bad ``intensity``.
     """
-    from dgst_monai.normalization import intensity_properties
-
     if intensity not in ("auto", "train", "copy"):
         raise ValueError(f"intensity must be 'auto', 'train' or 'copy', got {intensity!r}")
     src = Path(datalist)
     content = read_json(src, "datalist")
-    training = [dict(c) for c in content.get("training") or []]
-    given_test = [dict(c) for c in content.get("test") or [] if isinstance(c, dict)]
-    if not training:
-        raise ValueError(f"datalist {src} has no training cases")
-    cases = with_case_ids(training + given_test, f"datalist {src}")  # ids unique across both lists
-    training, given_test = cases[: len(training)], cases[len(training) :]
-    by_id = {case["case_id"]: case for case in cases}
+    training, given_test = _datalist_cases(content, src)
+    by_id = {case["case_id"]: case for case in training + given_test}
 
     made_test = not given_test
     if made_test:
@@ -176,16 +169,8 @@ def make_splits(
     few = {str(s): {str(k): v for k, v in nested_shots(train_ids, shot_list, s).items()} for s in seed_list}
 
     out_dir = Path(output).resolve().parent if output is not None else src.resolve().parent
-
-    def rebase(case: dict[str, Any]) -> dict[str, Any]:
-        moved = dict(case)
-        for key in ("image", "label"):
-            if isinstance(moved.get(key), str) and not Path(moved[key]).is_absolute():  # absolute stays absolute
-                moved[key] = os.path.relpath(os.path.normpath(src.resolve().parent / moved[key]), out_dir)
-        return moved
-
-    train_cases = [rebase(by_id[i]) for i in train_ids]
-    test_cases = [rebase(by_id[i]) for i in test_ids]
+    train_cases = [_rebase(by_id[i], src.resolve().parent, out_dir) for i in train_ids]
+    test_cases = [_rebase(by_id[i], src.resolve().parent, out_dir) for i in test_ids]
     recompute = intensity == "train" or (intensity == "auto" and made_test)
     if recompute:
         props = intensity_properties(
@@ -194,21 +179,8 @@ def make_splits(
         )
     else:
         props = content.get("intensity_properties")
-    if made_test:
-        how = f"seeded {100 * (1 - test_fraction):g}:{100 * test_fraction:g} train/test split (seed {split_seed})"
-    else:
-        how = "the datalist's own test list"
     result: dict[str, Any] = {
-        "name": f"{content.get('name', src.stem)}_splits",
-        "description": f"Splits of {src.name}: {how}; nested few-shot subsets per seed (`dgst-monai data split`).",
-        "source_datalist": os.path.relpath(src.resolve(), out_dir),
-        "paths": "relative to this file's folder",
-        "split": {
-            "made_here": made_test,
-            "test_fraction": test_fraction if made_test else None,
-            "split_seed": split_seed if made_test else None,
-            "method": "sha256 rank of (purpose, seed, case id)",
-        },
+        **_splits_header(content, src, out_dir, made_test, test_fraction, split_seed),
         "shots": shot_list,
         "seeds": seed_list,
         "labels": content.get("labels", {"0": "background", "1": "lymph_node"}),
@@ -224,3 +196,49 @@ def make_splits(
     if output is not None:
         atomic_write_json(output, result)
     return result
+
+
+def _datalist_cases(content: dict[str, Any], src: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The datalist's training and test cases (copies), each with a ``case_id``.
+
+    Raises:
+        ValueError: no training cases, or case ids repeated across the two lists.
+    """
+    training = [dict(c) for c in content.get("training") or []]
+    given_test = [dict(c) for c in content.get("test") or [] if isinstance(c, dict)]
+    if not training:
+        raise ValueError(f"datalist {src} has no training cases")
+    cases = with_case_ids(training + given_test, f"datalist {src}")  # ids unique across both lists
+    return cases[: len(training)], cases[len(training) :]
+
+
+def _rebase(case: dict[str, Any], src_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """A copy of ``case`` whose relative image and label paths, relative to ``src_dir``, are made relative to
+    ``out_dir``; absolute paths stay absolute."""
+    moved = dict(case)
+    for key in ("image", "label"):
+        if isinstance(moved.get(key), str) and not Path(moved[key]).is_absolute():
+            moved[key] = os.path.relpath(os.path.normpath(src_dir / moved[key]), out_dir)
+    return moved
+
+
+def _splits_header(
+    content: dict[str, Any], src: Path, out_dir: Path, made_test: bool, test_fraction: float, split_seed: int
+) -> dict[str, Any]:
+    """Name, description, source and split method of a splits file."""
+    if made_test:
+        how = f"seeded {100 * (1 - test_fraction):g}:{100 * test_fraction:g} train/test split (seed {split_seed})"
+    else:
+        how = "the datalist's own test list"
+    return {
+        "name": f"{content.get('name', src.stem)}_splits",
+        "description": f"Splits of {src.name}: {how}; nested few-shot subsets per seed (`dgst-monai data split`).",
+        "source_datalist": os.path.relpath(src.resolve(), out_dir),
+        "paths": "relative to this file's folder",
+        "split": {
+            "made_here": made_test,
+            "test_fraction": test_fraction if made_test else None,
+            "split_seed": split_seed if made_test else None,
+            "method": "sha256 rank of (purpose, seed, case id)",
+        },
+    }
