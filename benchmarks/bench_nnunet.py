@@ -306,8 +306,7 @@ def train_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "max_epochs": 1,
         "val_interval": 0,
         "num_validation": 0,
-        # checkpoints and logging are not what is timed; fine-tuning is (finetune.json appends its handler here)
-        "train#handlers": ["@dgst_handler"] if dgst else [],
+        "train#handlers": [],  # checkpoints and logging are not what is timed
     }
     if dgst:
         overrides.update(shots=spec["cases"], normalization="shots")

@@ -2,15 +2,15 @@
 
 The package imports lazily (PEP 562): ``import dgst_monai`` loads nothing but this file, and each attribute
 below imports its module on first access, so ``import dgst_monai.sparsity`` or ``dgst_monai.methods`` stays
-pure PyTorch (no Ignite, no MONAI, no network builder) while ``dgst_monai.DGSTHandler`` still works in code
-and as a bundle config's ``_target_``.
+pure PyTorch (no Ignite, no MONAI, no network builder) while ``dgst_monai.FineTuningHandler`` (also
+``dgst_monai.DGSTHandler``) still works in code and as a bundle config's ``_target_``.
 
 Example::
 
     import dgst_monai
 
     net = dgst_monai.apply_method(net, "dgst")          # imports dgst_monai.methods
-    handler = dgst_monai.DGSTHandler(method="dgst")     # imports the Ignite handler
+    handler = dgst_monai.FineTuningHandler(method="dgst")  # imports the Ignite handler
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 #: public attribute -> module that defines it
 _ATTRIBUTES: dict[str, str] = {
-    "DGSTHandler": "dgst_monai.handlers.dgst_handler",
+    "DGSTHandler": "dgst_monai.handlers.fine_tuning",
+    "FineTuningHandler": "dgst_monai.handlers.fine_tuning",
     "FineTuningMethod": "dgst_monai.methods",
     "METHODS": "dgst_monai.methods",
     "SelectionOptions": "dgst_monai.methods",
@@ -42,7 +43,7 @@ __all__ = sorted([*_ATTRIBUTES, "networks"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time everything is resolved by __getattr__
     from dgst_monai import networks
-    from dgst_monai.handlers.dgst_handler import DGSTHandler
+    from dgst_monai.handlers.fine_tuning import DGSTHandler, FineTuningHandler
     from dgst_monai.methods import (
         METHODS,
         FineTuningMethod,

@@ -4,10 +4,14 @@ The model zoo zips each bundle folder alone and MONAI Label copies one bundle in
 folder must be complete (no links into a sibling). ``bundles/ln_ct_dynunet`` is the hand-written source;
 :data:`VARIANTS` says, per file, what another bundle changes (config keys, in MONAI's ``a#b`` id syntax, and
 a few documentation lines); :func:`write_variant` writes the variant's folder, which is committed and checked
-by a test that regenerates it and compares. The network topology itself lives in
-:mod:`dgst_monai.networks` (the presets), never in a bundle.
+by a test that regenerates it and compares.
 
-Regenerate after changing the source bundle::
+Each bundle's network is written out in its ``train.json`` and ``inference.json`` as the ``plan`` component
+(:func:`plan_component`), generated from the planner's ``paper`` preset (:func:`bundle_plans`); ``--preset``
+swaps it for another preset's. :func:`write_variants` writes the source bundle's plan too, so the same test
+checks that the written topology is the planner's.
+
+Regenerate after changing the source bundle or the planner::
 
     python -m dgst_monai.bundle_variants bundles
 """
@@ -22,9 +26,21 @@ from typing import Any
 
 from dgst_monai.config_values import set_config_key
 
-__all__ = ["SOURCE_BUNDLE", "VARIANTS", "format_config", "write_variant", "write_variants"]
+__all__ = [
+    "PLAN_CONFIGS",
+    "SOURCE_BUNDLE",
+    "VARIANTS",
+    "bundle_plans",
+    "format_config",
+    "plan_component",
+    "write_plan",
+    "write_variant",
+    "write_variants",
+]
 
 SOURCE_BUNDLE = "ln_ct_dynunet"
+#: The configs of a bundle that build its network from ``plan``.
+PLAN_CONFIGS = ("configs/train.json", "configs/inference.json")
 
 _SWIN_DESCRIPTION = (
     "MONAI SwinUNETR (v1; v2 with --swin_version v2) that segments lymph nodes in CT. Pre-trained on a "
@@ -38,17 +54,14 @@ _SWIN_DESCRIPTION = (
 #: replacements, each of which must match exactly once.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "ln_ct_swinunetr": {
-        "configs/train.json": {
-            "swin_version": "v1",
-            "plan": "$dgst_monai.networks.swinunetr_plan(@preset, version=@swin_version)",
-        },
-        "configs/inference.json": {
-            "swin_version": "v1",
-            "plan": "$dgst_monai.networks.swinunetr_plan(@preset, version=@swin_version)",
-        },
+        "configs/train.json": {"swin_version": "v1"},
+        "configs/inference.json": {"swin_version": "v1"},
         "configs/metadata.json": {
-            "version": "0.8.0",
+            "version": "0.9.0",
             "changelog": {
+                "0.9.0": "The network written out in train.json and inference.json as the plan component, lean "
+                "configs, one fine-tuning handler (FineTuningHandler) and clip_grad_norm in finetune.json, as "
+                "ln_ct_dynunet 0.10.0; --preset keeps the written swin_version",
                 "0.8.0": "output_format setting of inference.json (nifti, dicom-seg, rtstruct) and the patch_size check "
                 "(every axis a multiple of 32), as ln_ct_dynunet 0.9.0",
                 "0.7.0": "orientation setting and nnU-Net's window places, as ln_ct_dynunet 0.8.0",
@@ -104,6 +117,34 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def plan_component(plan: Any, **references: str) -> dict[str, Any]:
+    """``plan`` as a bundle config writes it: the fields of its ``to_config()`` built by ``from_config``, which
+    puts the plan of ``--preset`` (the config's ``preset`` key) in place of the written one when a preset is named.
+
+    Args:
+        plan: a ``DynUNetPlan`` or ``SwinUNETRPlan``.
+        **references: fields given by another config key instead of their value (``version="@swin_version"``).
+
+    Example::
+
+        plan_component(plan_preset("paper"))["_target_"]  # "dgst_monai.networks.planner.DynUNetPlan.from_config"
+    """
+    fields = plan.to_config()
+    target = fields.pop("_target_")
+    return {"_target_": f"{target}.from_config", "preset": "@preset", **fields, **references}
+
+
+def bundle_plans() -> dict[str, dict[str, Any]]:
+    """The ``plan`` component of each shipped bundle: the planner's ``paper`` preset of its network."""
+    from dgst_monai.networks.planner import plan_preset
+    from dgst_monai.networks.swinunetr import swinunetr_plan
+
+    return {
+        SOURCE_BUNDLE: plan_component(plan_preset("paper")),
+        "ln_ct_swinunetr": plan_component(swinunetr_plan("paper"), version="@swin_version"),
+    }
+
+
 def format_config(content: Any, width: int = 118) -> str:
     """JSON as the bundles write it: 4-space indent, lists and objects kept on one line when they fit."""
 
@@ -137,6 +178,13 @@ def _apply(path: Path, changes: dict[str, Any]) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def write_plan(bundle: str | Path, plan: dict[str, Any]) -> None:
+    """Write ``plan`` as the ``plan`` key of the bundle folder's :data:`PLAN_CONFIGS` (each file re-written by
+    :func:`format_config`)."""
+    for relative in PLAN_CONFIGS:
+        _apply(Path(bundle) / relative, {"plan": plan})
+
+
 def write_variant(bundles: str | Path, name: str) -> Path:
     """Write ``<bundles>/<name>`` from ``<bundles>/ln_ct_dynunet`` and :data:`VARIANTS` ``[name]``.
 
@@ -162,11 +210,13 @@ def write_variant(bundles: str | Path, name: str) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("data", "models", "eval", "__pycache__"))
     for relative, changes in VARIANTS[name].items():
         _apply(target / relative, changes)
+    write_plan(target, bundle_plans()[name])
     return target
 
 
 def write_variants(bundles: str | Path) -> list[Path]:
-    """Regenerate every variant bundle under ``bundles``."""
+    """Write the source bundle's plan, then regenerate every variant bundle under ``bundles``."""
+    write_plan(Path(bundles) / SOURCE_BUNDLE, bundle_plans()[SOURCE_BUNDLE])
     return [write_variant(bundles, name) for name in VARIANTS]
 
 

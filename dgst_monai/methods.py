@@ -247,7 +247,7 @@ METHODS: MethodRegistry = _register(
 
 
 def register_method(method: FineTuningMethod) -> FineTuningMethod:
-    """Add a fine-tuning method to :data:`METHODS` (and so to ``--method`` and ``DGSTHandler``); returns it.
+    """Add a fine-tuning method to :data:`METHODS` (and so to ``--method`` and ``FineTuningHandler``); returns it.
 
     Raises:
         ValueError: the name is taken.
@@ -272,9 +272,10 @@ def apply_method(model: nn.Module, method: str) -> nn.Module:
     train (``requires_grad=False``) and return the network: ``model`` modified in place, or for
     ``spatial_adapter`` a wrapper holding ``model`` unchanged.
 
-    In a bundle config: ``"network": "$dgst_monai.apply_method(@network_def.to(@device), @method)"``. The
-    plain foundation checkpoint still loads strictly into the result (see :mod:`dgst_monai.networks.adapters`
-    and :mod:`dgst_monai.networks.spatial_adapter`).
+    In a bundle config, with the method resolved once as ``"method_def": {"_target_":
+    "dgst_monai.methods.get_method", "name": "@method"}``: ``"local_network":
+    "$@method_def.apply(@network_def.to(@device))"``. The plain foundation checkpoint still loads strictly into
+    the result (see :mod:`dgst_monai.networks.adapters` and :mod:`dgst_monai.networks.spatial_adapter`).
     """
     return get_method(method).apply(model)
 

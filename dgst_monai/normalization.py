@@ -37,8 +37,11 @@ from dgst_monai.files import atomic_write_json, read_json
 
 __all__ = [
     "DEFAULT_SAMPLES_PER_CASE",
+    "FINE_TUNING_SOURCES",
     "INTENSITY_STATISTICS",
     "NORMALIZATION_FILE",
+    "checked_normalization",
+    "fine_tuning_normalization",
     "foreground_sample",
     "intensity_properties",
     "intensity_properties_of",
@@ -197,6 +200,34 @@ def normalization_from_cases(
     return scale_intensity_range(props, f"cases {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
 
 
+#: ``fine_tuning_normalization``'s sources: the foundation's own normalisation, or one estimated from the shots.
+FINE_TUNING_SOURCES = ("foundation", "shots")
+
+
+def fine_tuning_normalization(
+    source: str, checkpoint: str | os.PathLike[str], shots: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """The CT normalisation of a fine-tune (the fine-tuning config's ``normalization`` setting).
+
+    ``"foundation"`` keeps the one the foundation was trained with (``normalization.json`` beside
+    ``checkpoint``): the fine-tuned weights expect the intensities they were pre-trained on. ``"shots"``
+    re-estimates it from the shots' images and labels only (:func:`normalization_from_cases`).
+
+    Raises:
+        ValueError: any other ``source``, before anything is read.
+
+    Example::
+
+        "intensity": {"_target_": "dgst_monai.normalization.fine_tuning_normalization", "source": "@normalization",
+                      "checkpoint": "@foundation_checkpoint", "shots": "@shot_cases"}
+    """
+    if source == "foundation":
+        return load_normalization(checkpoint)
+    if source == "shots":
+        return normalization_from_cases(shots)
+    raise ValueError(f"normalization must be one of {', '.join(FINE_TUNING_SOURCES)}, got {source!r}")
+
+
 def normalization_from_nnunet_plans(plans: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, float]:
     """The CT normalisation of an nnU-Net v2 model: its plans' ``foreground_intensity_properties_per_channel``.
 
@@ -230,7 +261,12 @@ def normalization_from_nnunet_plans(plans: Mapping[str, Any] | str | os.PathLike
 # ------------------------------------------------------------------------------------------ files
 
 
-def _check(values: Mapping[str, Any], source: str) -> dict[str, float]:
+def checked_normalization(values: Mapping[str, Any], source: str = "normalisation") -> dict[str, float]:
+    """``values`` as the four ``ScaleIntensityRanged`` floats ``a_min``, ``a_max``, ``b_min``, ``b_max``, checked.
+
+    Raises:
+        ValueError: a key missing, a value that is not finite, or ``a_max <= a_min``; the message names ``source``.
+    """
     missing = [k for k in _KEYS if k not in values]
     if missing:
         raise ValueError(f"{source}: normalisation lacks {missing}; expected the ScaleIntensityRanged keys {_KEYS}")
@@ -261,7 +297,7 @@ def save_normalization(folder: str | os.PathLike[str], intensity: Mapping[str, f
     """
     import torch.distributed as dist
 
-    values = _check(intensity, "save_normalization")
+    values = checked_normalization(intensity, "save_normalization")
     path = Path(folder) / NORMALIZATION_FILE
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return str(path)
@@ -292,12 +328,13 @@ def load_normalization(checkpoint: str | os.PathLike[str]) -> dict[str, float]:
         raise FileNotFoundError(
             f"{path} not found: the intensity normalisation of the model in {ckpt} is unknown. Training writes it "
             "beside model.pt; for other weights override `intensity` with the training set's values, e.g. "
-            "--intensity \"$dgst_monai.data.datalists.ct_normalization('<training datalist.json>')\""
+            "--intensity \"{'_target_': 'dgst_monai.data.datalists.ct_normalization', 'datalist': "
+            "'<training datalist.json>'}\""
         )
     values = read_json(path, "normalization file")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object with keys {_KEYS}")
-    return _check(values, str(path))
+    return checked_normalization(values, str(path))
 
 
 def intensity_properties(

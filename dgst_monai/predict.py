@@ -18,7 +18,7 @@ from monai.data.folder_layout import default_name_formatter
 
 from dgst_monai.data.cases import VOLUME_SUFFIXES, case_id_from_path
 
-__all__ = ["find_inputs", "mask_name_formatter", "mask_path", "output_paths", "output_stem", "predict"]
+__all__ = ["find_inputs", "input_datalist", "mask_name_formatter", "mask_path", "output_paths", "output_stem", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,20 @@ def find_inputs(
         for folder in found:
             load_series(folder)  # one regular CT series, or an error naming the folder, before any inference
     return found
+
+
+def input_datalist(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+) -> list[dict[str, str]]:
+    """``[{"image": scan}, ...]`` for the scans :func:`find_inputs` finds in ``paths``; an empty list for no
+    path, so that an inference config parses (the model zoo's checks, a server) before any scan is given.
+
+    Example::
+
+        "dataset": {"_target_": "Dataset", "data": {"_target_": "dgst_monai.predict.input_datalist",
+                    "paths": "@datalist"}, "transform": "@preprocessing"}
+    """
+    return [{"image": path} for path in find_inputs(paths)] if paths else []
 
 
 def _subject(source: str | os.PathLike[str]) -> str:

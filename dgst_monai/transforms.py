@@ -14,12 +14,35 @@ from monai.transforms import InvertibleTransform, MapTransform, ScaleIntensityRa
 from monai.utils import TraceKeys
 
 from dgst_monai import resampling as nnunet_resampling
-from dgst_monai.normalization import load_normalization
+from dgst_monai.normalization import checked_normalization, load_normalization
 
-__all__ = ["RESAMPLING_RULES", "CheckpointNormalized", "ResampleAndNormalized", "SaveDicomd"]
+__all__ = ["RESAMPLING_RULES", "CTNormalized", "CheckpointNormalized", "ResampleAndNormalized", "SaveDicomd"]
 
 #: ``ResampleAndNormalized``'s rules: "monai", how the bundles train; "nnunet", nnU-Net v2's, for imported models
 RESAMPLING_RULES = ("monai", "nnunet")
+
+
+class CTNormalized(ScaleIntensityRanged):
+    """``ScaleIntensityRanged(clip=True)`` given its four values as one dict, as the bundles hold a CT
+    normalisation (``intensity``: the datalist's, the foundation's ``normalization.json``, or the shots').
+
+    Args:
+        keys: image keys to normalise.
+        intensity: ``{"a_min", "a_max", "b_min", "b_max"}``
+            (:func:`dgst_monai.normalization.scale_intensity_range`).
+        allow_missing_keys: as in MONAI's ``MapTransform``.
+
+    Raises:
+        ValueError: a value missing or implausible, naming it.
+
+    Example::
+
+        {"_target_": "dgst_monai.transforms.CTNormalized", "keys": "image", "intensity": "@intensity"}
+    """
+
+    def __init__(self, keys: KeysCollection, intensity: Mapping[str, float], allow_missing_keys: bool = False) -> None:
+        values = checked_normalization(intensity, "intensity")
+        super().__init__(keys, **values, clip=True, allow_missing_keys=allow_missing_keys)
 
 
 class CheckpointNormalized(MapTransform):
@@ -46,12 +69,11 @@ class CheckpointNormalized(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.checkpoint = checkpoint
-        self._scale: ScaleIntensityRanged | None = None
+        self._scale: CTNormalized | None = None
 
-    def _scaler(self) -> ScaleIntensityRanged:
+    def _scaler(self) -> CTNormalized:
         if self._scale is None:
-            values = load_normalization(self.checkpoint)
-            self._scale = ScaleIntensityRanged(self.keys, **values, clip=True, allow_missing_keys=self.allow_missing_keys)
+            self._scale = CTNormalized(self.keys, load_normalization(self.checkpoint), self.allow_missing_keys)
         return self._scale
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

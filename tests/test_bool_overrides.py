@@ -1,6 +1,6 @@
 """Boolean overrides mean what they say: ``--resume false``, ``--mirror no``, ``--amp 0``, ``--size_prior False``
 typed on a ``python -m monai.bundle run`` command line turn those off (fire hands the bundle the strings
-``"false"`` / ``"no"``, which Python finds true), through ``dgst_monai.config_values.flag`` in the configs."""
+``"false"`` / ``"no"``, which Python finds true), through ``dgst_monai.config_values.flag``, once per setting (the configs' ``settings``)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ PROBE: dict[str, Any] = {
         "trainer_amp": "$@train#trainer.amp",
         "evaluator_amp": "$@validate#evaluator.amp",
         "mirror": "$@inferer.inferer.enabled",
-        "size_prior": "$@size_prior_handler is not None",
+        "size_prior": "$@size_prior_handler.enabled",
     },
     "run": ["$open(@probe_file, 'w').write(json.dumps(@probe))"],
 }
@@ -73,7 +73,7 @@ def test_command_line_false_words_turn_resume_mirror_amp_and_size_prior_off(tiny
         sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs),
         "--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root),
         "--datalist", str(tiny_ct.mediastinum), "--ckpt_dir", str(tmp_path / "tuned"), "--preset", "tiny",
-        "--num_workers", "0", "--shots", "2", "--normalization", "cases", "--foundation_checkpoint", str(tmp_path / "foundation.pt"),
+        "--num_workers", "0", "--shots", "2", "--normalization", "shots", "--foundation_checkpoint", str(tmp_path / "foundation.pt"),
         "--probe_file", str(out),
         # as a user types them: fire passes "false" and "no" on as strings, 0 as an int, False as a bool
         "--resume", "false", "--mirror", "no", "--amp", "0", "--size_prior", "False",
@@ -97,7 +97,7 @@ def test_true_words_turn_them_on(tiny_ct, tmp_path: Path, resume: str, mirror: s
     parser = ConfigParser()
     parser.read_config(configs)
     parser.update(
-        {"datalist": str(tiny_ct.mediastinum), "preset": "tiny", "num_workers": 0, "shots": 2, "normalization": "cases", "ckpt_dir": str(tmp_path / "t"),
+        {"datalist": str(tiny_ct.mediastinum), "preset": "tiny", "num_workers": 0, "shots": 2, "normalization": "shots", "ckpt_dir": str(tmp_path / "t"),
          "resume": resume, "mirror": mirror, "amp": amp, "size_prior": "no"}
     )  # fmt: skip
     assert parser.get_parsed_content("probe") == {

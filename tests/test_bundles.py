@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from bundle_support import BUNDLE_NAMES, BUNDLES, TINY_NETWORK, TINY_RUN, make_w
 from helpers import error_chain
 from ignite.engine import Events
 
-from dgst_monai.bundle_variants import SOURCE_BUNDLE, VARIANTS, write_variant
+from dgst_monai.bundle_variants import SOURCE_BUNDLE, VARIANTS, write_variants
 
 #: Keys the model zoo and MONAI Label read, per config they must be found in.
 REQUIRED_KEYS = {
@@ -88,7 +89,7 @@ def test_layout_keys_and_metadata(bundle):
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
     assert (image["modality"], image["format"], image["num_channels"]) == ("CT", "hounsfield", 1)
     assert pred["channel_def"] == {"0": "background", "1": "lymph node"}
-    # a divisibility rule (the total stride per axis), valid for every preset: the topology lives in dgst_monai
+    # a divisibility rule (the total stride per axis), valid for the written plan and for every --preset
     assert image["spatial_shape"] == pred["spatial_shape"] and all(re.fullmatch(r"\d+\*n", a) for a in image["spatial_shape"])
     metrics, details = meta["eval_metrics"], meta["eval_metrics_details"].lower()
     if metrics:  # measured: both figures, on the synthetic data the details name
@@ -108,12 +109,13 @@ def test_layout_keys_and_metadata(bundle):
 
 
 def test_generated_bundle_is_up_to_date_and_bundles_hold_no_links(tmp_path):
-    """ln_ct_swinunetr is exactly what dgst_monai.bundle_variants writes from ln_ct_dynunet; no bundle links."""
-    (tmp_path / SOURCE_BUNDLE).symlink_to(BUNDLES / SOURCE_BUNDLE)
-    for name in VARIANTS:
-        generated = write_variant(tmp_path, name)
-        committed = BUNDLES / name
-        files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and _tracked(p, root))  # noqa: E731
+    """ln_ct_swinunetr is exactly what dgst_monai.bundle_variants writes from ln_ct_dynunet, and the network
+    written in both bundles (``plan``) is the planner's; no bundle links."""
+    shutil.copytree(BUNDLES / SOURCE_BUNDLE, tmp_path / SOURCE_BUNDLE, ignore=shutil.ignore_patterns("data", "models", "eval"))
+    write_variants(tmp_path)
+    files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and _tracked(p, root))  # noqa: E731
+    for name in (SOURCE_BUNDLE, *VARIANTS):
+        generated, committed = tmp_path / name, BUNDLES / name
         assert files(generated) == files(committed), f"{name}: regenerate with python -m dgst_monai.bundle_variants bundles"
         for rel in files(generated):
             assert (generated / rel).read_bytes() == (committed / rel).read_bytes(), f"{name}/{rel} is stale"

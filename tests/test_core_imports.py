@@ -93,12 +93,13 @@ def fresh_use() -> dict:
 
 def test_provided_methods_and_handler_resolve_on_first_use(fresh_use):
     """From an interpreter that only imported dgst_monai: get_method('lora') imports its module and works,
-    dgst_monai.DGSTHandler and dgst_monai.networks.for_checkpoint resolve, an unknown attribute is an error."""
+    dgst_monai.DGSTHandler (a FineTuningHandler) and dgst_monai.networks.for_checkpoint resolve, an unknown
+    attribute is an error."""
     assert fresh_use["use"] == {
         "lora": "LoRA",
         "prepare": True,
         "spatial": "Spatial Adapter",
-        "handler": "DGSTHandler",
+        "handler": "FineTuningHandler",
         "rebuild": "for_checkpoint",
         "missing": True,
         "in_dir": True,

@@ -11,9 +11,11 @@ import torch
 from bundle_support import BUNDLE_NAMES, BUNDLES, make_workflow
 
 
+@pytest.mark.parametrize("configs", [["train"], ["train", "multi_gpu_train"]], ids=["train", "multi_gpu"])
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
-def test_a_patch_that_does_not_fit_the_strides_is_refused_before_any_work(bundle, tiny_ct, tmp_path):
-    workflow = make_workflow(bundle, ["train"], "train", preset="tiny", datalist=tiny_ct.hn,
+def test_a_patch_that_does_not_fit_the_strides_is_refused_before_any_work(bundle, configs, tiny_ct, tmp_path):
+    """Refused in initialize, before any folder is made (under torchrun: before the process group starts)."""
+    workflow = make_workflow(bundle, configs, "train", preset="tiny", datalist=tiny_ct.hn,
                              ckpt_dir=str(tmp_path / "ckpt"), patch_size=[60, 64, 32])
     with pytest.raises(Exception) as raised:
         workflow.initialize()
@@ -23,7 +25,7 @@ def test_a_patch_that_does_not_fit_the_strides_is_refused_before_any_work(bundle
         err = err.__cause__ or err.__context__
     message = " ".join(chain)
     assert "patch_size [60, 64, 32] does not fit the network" in message and "total stride" in message
-    assert not (tmp_path / "ckpt").exists()
+    assert not (tmp_path / "ckpt").exists() and not torch.distributed.is_initialized()
 
 
 def test_a_fitting_patch_changes_crops_window_and_network_input_together(tiny_ct, tmp_path):

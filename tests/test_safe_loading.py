@@ -181,7 +181,7 @@ def test_finetune_bundle_refuses_a_foundation_of_another_network(tiny_ct: Any, t
         datalist=tiny_ct.mediastinum,
         ckpt_dir=str(tmp_path / "tuned"),
         foundation_checkpoint=str(foundation),
-        normalization="cases",
+        normalization="shots",
         shots=2,
     )
     workflow.initialize()

@@ -184,5 +184,5 @@ def test_the_penalty_reaches_the_gradients_dgst_clips(tiny_dynunet, trainer_fact
     assert not torch.equal(seen["before"], seen["after"]) and float(prior.last_penalty) > 0
 
     late = SizePriorHandler(unlabeled, 0.01, PATCH)
-    with pytest.raises(ValueError, match="before DGSTHandler"):
+    with pytest.raises(ValueError, match="before FineTuningHandler"):
         late.attach(trainer)

@@ -7,9 +7,9 @@ Configs name them as ``dgst_monai.handlers.<Class>``, e.g. ``{"_target_": "dgst_
 from __future__ import annotations
 
 from dgst_monai.handlers.checkpoint_loader import CheckpointMismatchError, SafeCheckpointLoader
-from dgst_monai.handlers.dgst_handler import DGSTHandler
 from dgst_monai.handlers.evaluation_report import EvaluationReport
 from dgst_monai.handlers.final_checkpoint import FinalModelSaver
+from dgst_monai.handlers.fine_tuning import DGSTHandler, FineTuningHandler
 from dgst_monai.handlers.random_state import RandomState
 from dgst_monai.handlers.size_prior import SizePriorHandler, support_fraction
 from dgst_monai.handlers.surface_dice import SurfaceDiceHandler
@@ -21,6 +21,7 @@ __all__ = [
     "DGSTHandler",
     "EvaluationReport",
     "FinalModelSaver",
+    "FineTuningHandler",
     "RandomState",
     "SafeCheckpointLoader",
     "SizePriorHandler",

@@ -6,14 +6,18 @@ shots."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.data import CacheDataset, DataLoader
 from monai.engines.utils import IterationEvents
 from monai.transforms import LoadImage
 from torch import nn
+
+from dgst_monai.config_values import flag
+from dgst_monai.data.unlabeled import images_only, unlabeled_cases
 
 
 class SizePriorHandler:
@@ -43,17 +47,23 @@ class SizePriorHandler:
     * The unlabeled volumes: the target training cases that are not among the shots, images only, labels never
       read (:func:`dgst_monai.data.unlabeled.unlabeled_cases`), preprocessed like the training images
       (:func:`dgst_monai.data.unlabeled.images_only` of the bundle's preprocessing, no augmentation) and served
-      one volume per batch by ``unlabeled``; the handler cycles through it.
+      one volume per batch; the handler cycles through them.
+
+    Given ``cases``, ``shots`` and ``transform`` (a bundle's ``training_cases``, ``shot_cases`` and
+    ``preprocessing``), the handler reads both when it is attached: the shots' label volumes for
+    ``target_fraction`` and the non-shot images through a cached loader. A disabled handler (``enabled``
+    false: the bundle's ``--size_prior false``) attaches nothing and reads no file. ``unlabeled`` and
+    ``target_fraction`` give both ready-made instead.
 
     Each step past the warm-up costs one more forward and backward of ``num_crops`` patches (for the spatial
-    adapter the backward stops at the adapter). Attach it **before** :class:`dgst_monai.DGSTHandler`, which
-    unscales (AMP), clips and masks the gradients at the same event: the penalty's gradient must be in them
-    first. Attaching it after raises.
+    adapter the backward stops at the adapter). Attach it **before** :class:`dgst_monai.FineTuningHandler`,
+    which unscales (AMP), clips and masks the gradients at the same event: the penalty's gradient must be in
+    them first. Attaching it after raises.
 
     Args:
         unlabeled: iterable of batches (a DataLoader with ``batch_size=1``) of whole preprocessed volumes,
-            ``{image_key: (1, C, *spatial)}``.
-        target_fraction: foreground fraction of the support shots, in (0, 1).
+            ``{image_key: (1, C, *spatial)}``; or None with ``cases``, ``shots`` and ``transform``.
+        target_fraction: foreground fraction of the support shots, in (0, 1); or None with ``shots``.
         patch_size: crop size (the training patch size).
         num_crops: crops per step (one forward of this batch size).
         weight: lambda.
@@ -62,21 +72,29 @@ class SizePriorHandler:
         image_key: key of the image in the batches.
         seed: seed of the crop positions.
         network: the network to constrain; by default the engine's ``network``.
+        cases: the target training cases (datalist entries), shots included.
+        shots: the support shots among ``cases``.
+        transform: the training preprocessing (no augmentation); run on the images only.
+        reader: MONAI image reader of the shots' labels (:func:`support_fraction`).
+        enabled: whether to apply the prior at all: a bool or a yes/no word (``"false"`` from a command line).
+
+    Raises:
+        ValueError: neither ``unlabeled`` with ``target_fraction`` nor ``cases``, ``shots`` and ``transform``
+            given, a word that is not yes/no, or an invalid number.
 
     Example::
 
         shots = few_shot(training_cases, 5, seed=0)
-        unlabeled = Dataset(unlabeled_cases(training_cases, shots), transform=images_only(preprocessing))
-        loader = DataLoader(unlabeled, batch_size=1)
-        SizePriorHandler(loader, support_fraction(shots), patch_size=(96, 96, 64)).attach(trainer)
-        DGSTHandler(method="spatial_adapter").attach(trainer)   # after the size prior
+        SizePriorHandler(patch_size=(96, 96, 64), cases=training_cases, shots=shots,
+                         transform=preprocessing).attach(trainer)
+        FineTuningHandler(method="spatial_adapter").attach(trainer)   # after the size prior
     """
 
     def __init__(
         self,
-        unlabeled: Iterable[Mapping[str, Any]],
-        target_fraction: float,
-        patch_size: Sequence[int],
+        unlabeled: Iterable[Mapping[str, Any]] | None = None,
+        target_fraction: float | None = None,
+        patch_size: Sequence[int] = (),
         num_crops: int = 2,
         weight: float = 0.1,
         margin: float = 0.3,
@@ -84,10 +102,22 @@ class SizePriorHandler:
         image_key: str = "image",
         seed: int = 0,
         network: nn.Module | None = None,
+        *,
+        cases: Sequence[Mapping[str, Any]] | None = None,
+        shots: Sequence[Mapping[str, Any]] | None = None,
+        transform: Callable[..., Any] | None = None,
+        reader: Any = None,
+        enabled: Any = True,
     ) -> None:
-        if not 0.0 < float(target_fraction) < 1.0:
+        ready = unlabeled is not None and target_fraction is not None
+        from_cases = cases is not None and shots is not None and transform is not None
+        if ready == from_cases:
+            raise ValueError(
+                "SizePriorHandler needs either unlabeled and target_fraction, or cases, shots and transform"
+            )
+        if target_fraction is not None and not 0.0 < float(target_fraction) < 1.0:
             raise ValueError(f"target_fraction must be in (0, 1), got {target_fraction}")
-        if any(int(p) < 1 for p in patch_size):
+        if not patch_size or any(int(p) < 1 for p in patch_size):
             raise ValueError(f"patch_size must be positive, got {list(patch_size)}")
         if isinstance(num_crops, bool) or int(num_crops) < 1:
             raise ValueError(f"num_crops must be >= 1, got {num_crops}")
@@ -95,8 +125,10 @@ class SizePriorHandler:
             raise ValueError(f"weight and margin must be >= 0, got {weight} and {margin}")
         if isinstance(warmup_iterations, bool) or int(warmup_iterations) < 0:
             raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}")
+        self.enabled = flag(enabled, "size_prior")
         self.unlabeled = unlabeled
-        self.target_fraction = float(target_fraction)
+        self.target_fraction = None if target_fraction is None else float(target_fraction)
+        self._cases, self._shots, self._transform, self._reader = cases, shots, transform, reader
         self.patch_size = tuple(int(p) for p in patch_size)
         self.num_crops = int(num_crops)
         self.weight = float(weight)
@@ -112,22 +144,38 @@ class SizePriorHandler:
         self.last_fraction: torch.Tensor | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``engine``'s ``BACKWARD_COMPLETED``; refuse to come after a ``DGSTHandler``.
+        """Read the shots and the unlabeled images (when given as cases) and register on ``engine``'s
+        ``BACKWARD_COMPLETED``; a disabled handler does neither.
 
         Raises:
-            ValueError: a ``DGSTHandler`` is already attached (it would clip and mask before the penalty).
+            ValueError: a ``FineTuningHandler`` is already attached (it would clip and mask before the penalty),
+                or the cases leave no unlabeled volume (see :func:`~dgst_monai.data.unlabeled.unlabeled_cases`)
+                or no foreground in the shots.
         """
-        from dgst_monai.handlers.dgst_handler import DGSTHandler
+        from dgst_monai.handlers.fine_tuning import FineTuningHandler
 
+        if not self.enabled:
+            return
         # Ignite keeps (handler, args, kwargs) per event in registration order; it has no public listing
         registered = getattr(engine, "_event_handlers", {}).get(IterationEvents.BACKWARD_COMPLETED, [])
-        if any(isinstance(entry[0], DGSTHandler) for entry in registered):
+        if any(isinstance(entry[0], FineTuningHandler) for entry in registered):
             raise ValueError(
-                "SizePriorHandler must be attached before DGSTHandler (list it earlier in the trainer's handlers): "
-                "DGSTHandler unscales, clips and masks the gradients, which must include the size prior's"
+                "SizePriorHandler must be attached before FineTuningHandler (list it earlier in the trainer's "
+                "handlers): FineTuningHandler unscales, clips and masks the gradients, which must include the size "
+                "prior's"
             )
+        if self.unlabeled is None:
+            self._read_cases()
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._log)
+
+    def _read_cases(self) -> None:
+        assert self._cases is not None and self._shots is not None and self._transform is not None
+        self.target_fraction = support_fraction(self._shots, reader=self._reader)
+        volumes = CacheDataset(
+            unlabeled_cases(self._cases, self._shots), images_only(self._transform), cache_rate=1.0, num_workers=0
+        )
+        self.unlabeled = DataLoader(volumes, batch_size=1, shuffle=False, num_workers=0)
 
     def __call__(self, engine: Engine) -> None:
         """Past the warm-up: predict crops of the next unlabeled volume and back-propagate the penalty."""
@@ -151,6 +199,7 @@ class SizePriorHandler:
             logits = logits[:, 0]
         foreground = 1.0 - torch.softmax(logits.float(), dim=1)[:, :1]
         predicted = (foreground * valid).sum() / valid.sum()
+        assert self.target_fraction is not None  # given, or read on attach
         penalty = size_penalty(predicted, self.target_fraction, self.weight, self.margin)
         scaler = getattr(engine, "scaler", None)
         # a penalty inside the margin is an exact zero with zero gradient: no host sync to skip it
@@ -158,6 +207,7 @@ class SizePriorHandler:
         self.last_penalty, self.last_fraction = penalty.detach(), predicted.detach()
 
     def _next_volume(self) -> Mapping[str, Any]:
+        assert self.unlabeled is not None  # given, or built on attach
         if self._volumes is not None:
             batch = next(self._volumes, None)
             if batch is not None:

@@ -6,9 +6,10 @@ network: ``<block>.conv2.adapter.*`` for Houlsby adapters (``adapter``), ``found
 ``spatial_adapter.*`` for the black-box spatial adapter (``spatial_adapter``). LoRA is folded in before saving,
 so a LoRA checkpoint is plain. :func:`for_checkpoint` reads those keys and returns the network the checkpoint
 belongs to, built around the plain one; a plain checkpoint gives the plain network back unchanged. In a
-bundle's evaluate / inference config this is a one-line change:
+bundle's evaluate / inference config this is one component:
 
-``"network": "$dgst_monai.networks.for_checkpoint(@network_def, @checkpoint).to(@device)"``
+``"network": {"_target_": "dgst_monai.networks.for_checkpoint", "network": "@network_def", "checkpoint":
+"@checkpoint", "device": "@device"}``
 
 after which MONAI's ``CheckpointLoader`` (strict) and ``python -m monai.bundle ckpt_export network ...`` work
 on any fine-tuned checkpoint.
@@ -61,7 +62,9 @@ def checkpoint_state(checkpoint: Checkpoint) -> Mapping[str, torch.Tensor]:
     raise ValueError(f"{source} is not a model state dict (nor a checkpoint with one under 'model')")
 
 
-def for_checkpoint(network: nn.Module, checkpoint: Checkpoint | None) -> nn.Module:
+def for_checkpoint(
+    network: nn.Module, checkpoint: Checkpoint | None, device: torch.device | str | None = None
+) -> nn.Module:
     """``network`` with the modules ``checkpoint`` adds, ready for ``load_state_dict(checkpoint)`` (strict).
 
     Houlsby adapters are added in place where the checkpoint's keys put them
@@ -76,6 +79,8 @@ def for_checkpoint(network: nn.Module, checkpoint: Checkpoint | None) -> nn.Modu
         network: a freshly built plain network: the foundation definition the checkpoint was fine-tuned from
             (with or without deep supervision).
         checkpoint: path of the fine-tuned checkpoint (or its state dict); None returns ``network``.
+        device: where to move the result; the added modules are built beside ``network``'s first, so they move
+            with it. None leaves it where it is.
 
     Returns:
         The network to load the checkpoint into.
@@ -89,6 +94,11 @@ def for_checkpoint(network: nn.Module, checkpoint: Checkpoint | None) -> nn.Modu
         net = for_checkpoint(build_network("dynunet", deep_supervision=False), "tuned/model.pt")
         net.load_state_dict(checkpoint_state("tuned/model.pt"))
     """
+    built = _with_checkpoint_modules(network, checkpoint)
+    return built if device is None else built.to(device)
+
+
+def _with_checkpoint_modules(network: nn.Module, checkpoint: Checkpoint | None) -> nn.Module:
     if checkpoint is None or (not isinstance(checkpoint, Mapping) and not Path(checkpoint).is_file()):
         return network
     state = checkpoint_state(checkpoint)

@@ -255,6 +255,22 @@ class DynUNetPlan:
         kwargs.pop("res_block")
         return NNUNetDynUNet(**kwargs, conv_bias=self.conv_bias, trans_bias=self.conv_bias)
 
+    @classmethod
+    def from_config(cls, preset: str | None = None, **fields: Any) -> DynUNetPlan:
+        """The plan a bundle config writes out: ``fields`` as :meth:`to_config` gives them, or, when ``preset``
+        names one of :data:`PRESETS` (``--preset cpu-small``), that preset's plan instead of the written one.
+
+        Raises:
+            ValueError: an unknown preset (the message lists the known ones).
+            TypeError: a field the plan does not have.
+
+        Example::
+
+            "plan": {"_target_": "dgst_monai.networks.planner.DynUNetPlan.from_config", "preset": "@preset",
+                     "patch_size": [224, 112, 80], "strides": [[1, 1, 1], [2, 2, 1], ...], ...}
+        """
+        return plan_preset(preset) if preset else cls(**fields)
+
     def to_config(self) -> dict[str, Any]:
         """The plan as a bundle config component (``"plan": {...}``) that rebuilds exactly this plan.
 

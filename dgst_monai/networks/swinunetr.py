@@ -124,6 +124,20 @@ class SwinUNETRPlan:
             depths=self.depths,
         )
 
+    @classmethod
+    def from_config(cls, preset: str | None = None, **fields: Any) -> SwinUNETRPlan:
+        """The plan a bundle config writes out: ``fields`` as :meth:`to_config` gives them, or, when ``preset``
+        names one of :data:`SWINUNETR_PRESETS`, that preset's plan with the written ``version`` (the bundle's
+        ``swin_version``: a preset sets the network's size, not its version).
+
+        Raises:
+            ValueError: an unknown preset (the message lists the known ones).
+            TypeError: a field the plan does not have.
+        """
+        if preset:
+            return swinunetr_plan(preset, version=fields.get("version", "v1"))
+        return cls(**fields)
+
     def to_config(self) -> dict[str, Any]:
         """The plan as a bundle config component (``"plan": {...}``) that rebuilds exactly this plan."""
         return {

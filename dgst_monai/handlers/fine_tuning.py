@@ -1,4 +1,9 @@
-"""Ignite handler that fine-tunes a MONAI ``SupervisedTrainer``'s network with one of the registry's methods."""
+"""Ignite handler that fine-tunes a MONAI ``SupervisedTrainer``'s network with one of the registry's methods.
+
+:class:`FineTuningHandler` is the one handler of every method: DGST, its sparse baselines (DRST, SGST) and the
+dense ones (full, bias, LoRA, ...) differ only in the registry entry it is given. ``DGSTHandler`` is another
+name for it.
+"""
 
 from __future__ import annotations
 
@@ -21,14 +26,18 @@ from dgst_monai.sparsity import UPDATE_MODES, AccumulatedGradientSelector, Group
 _TRAINER_PARTS = ("data_loader", "prepare_batch", "inferer", "loss_function", "network")
 
 
-class DGSTHandler:
-    """Dynamic Gradient Sparsification Training (and the paper's other fine-tuning methods) for a trainer.
+class FineTuningHandler:
+    """One fine-tuning method of the registry (DGST, its sparse and dense baselines) on a trainer.
 
-    When the run starts, the method's frozen parameters get ``requires_grad=False``. At every iteration, after
-    ``backward()`` (``IterationEvents.BACKWARD_COMPLETED``): unscale the gradients under AMP, clip their global
-    norm, select the entries to update and mask the gradients (and, in strict mode, snapshot the kernels);
-    after ``optimizer.step()`` (``IterationEvents.MODEL_COMPLETED``) restore the unselected entries. The order
-    is the released trainer's: backward, unscale, clip, mask, step.
+    The network is frozen for the method once, before the optimizer and DistributedDataParallel are built:
+    ``dgst_monai.apply_method(network, method)`` (the bundles' ``local_network``). When the run starts, the
+    handler checks that the network's trainable set is the method's and, for a network nobody prepared (a plain
+    method used from Python), sets it itself. At every iteration, after ``backward()``
+    (``IterationEvents.BACKWARD_COMPLETED``): unscale the gradients under AMP, clip their global norm
+    (``clip_grad_norm``, for every method: the released nnU-Net trainer clips at 12 whatever it trains), and for
+    a sparsification method select the entries to update and mask the gradients (and, in strict mode, snapshot
+    the kernels); after ``optimizer.step()`` (``IterationEvents.MODEL_COMPLETED``) restore the unselected
+    entries. The order is the released trainer's: backward, unscale, clip, mask, step.
 
     SGST chooses its one static mask before the first update: at the run's first ``Events.EPOCH_STARTED``
     (after every ``Events.STARTED`` handler, so after any resume or foundation-weight loading, whatever the
@@ -47,10 +56,12 @@ class DGSTHandler:
     Under DistributedDataParallel the gradients are already all-reduced at ``BACKWARD_COMPLETED``, so every
     rank selects the same entries (DRST draws from the same seeded generator on every rank; SGST accumulates
     the all-reduced calibration gradients). Freeze before wrapping: ``dgst_monai.apply_method(network, method)``
-    before ``DistributedDataParallel(network)``.
+    before ``DistributedDataParallel(network)``; DDP registers its trainable set once, so the handler then only
+    checks it.
 
     Args:
-        method: a name from ``dgst_monai.METHODS`` (``dgst``, ``full``, ``bias``, ...).
+        method: a name from ``dgst_monai.METHODS`` (``dgst``, ``full``, ``bias``, ...) or the registry entry
+            itself (a bundle resolves ``method_def`` once and hands it to the network and the handler).
         gamma: entries kept per group for ``dgst`` / ``drst`` / ``sgst``.
         update: ``"strict"`` (Eq. 5 exactly: unselected entries bit-identical after the step) or
             ``"gradient"`` (gradient masking only, the released trainer's intent).
@@ -63,9 +74,11 @@ class DGSTHandler:
 
     Example::
 
+        net = dgst_monai.apply_method(net, "sgst")  # before the optimizer (and before DDP)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
         trainer = SupervisedTrainer(device, max_epochs=50, train_data_loader=loader, network=net,
                                     optimizer=opt, loss_function=loss)
-        handler = DGSTHandler(method="sgst", gamma=1, update="strict")
+        handler = FineTuningHandler(method="sgst", gamma=1, update="strict")
         handler.attach(trainer)
         TrainingStateCheckpoint("runs/models", {"model": net, "optimizer": opt, "dgst": handler},
                                 resume=False).attach(trainer)
@@ -74,7 +87,7 @@ class DGSTHandler:
 
     def __init__(
         self,
-        method: str = "dgst",
+        method: str | FineTuningMethod = "dgst",
         gamma: int = 1,
         update: UpdateMode = "strict",
         grouping: Grouping = "filter",
@@ -83,7 +96,7 @@ class DGSTHandler:
         warmup_steps: int = 10,
         network: nn.Module | None = None,
     ) -> None:
-        self.method: FineTuningMethod = get_method(method)
+        self.method: FineTuningMethod = method if isinstance(method, FineTuningMethod) else get_method(method)
         self.options = SelectionOptions(gamma=gamma, grouping=grouping, seed=seed, warmup_steps=warmup_steps)
         if update not in UPDATE_MODES:
             raise ValueError(f"update must be one of {UPDATE_MODES}, got {update!r}")
@@ -106,7 +119,7 @@ class DGSTHandler:
     def attach(self, engine: Engine) -> None:
         """Register the callbacks on ``engine``; the method is applied when the run starts."""
         if getattr(engine, "accumulation_steps", 1) > 1:
-            raise ValueError("DGSTHandler selects per optimizer step; gradient accumulation is not supported")
+            raise ValueError("FineTuningHandler selects per optimizer step; gradient accumulation is not supported")
         # a MONAI Workflow attaches handlers before it stores its network, so resolve it at start
         engine.add_event_handler(Events.STARTED, self._setup)
         # EPOCH_STARTED comes after every STARTED handler (resume / foundation loading) and before any step
@@ -119,11 +132,13 @@ class DGSTHandler:
         self._checked_start = False
         network = self.network if self.network is not None else getattr(engine, "network", None)
         if network is None:
-            raise ValueError("DGSTHandler needs a network: pass network=... or attach to a MONAI SupervisedTrainer")
+            raise ValueError(
+                "FineTuningHandler needs a network: pass network=... or attach to a MONAI SupervisedTrainer"
+            )
         # a trainer built with compile=True (the bundles' --compile) holds torch.compile's wrapper: select on the
         # module it wraps (the same parameters, under their own names)
         network = getattr(network, "_orig_mod", network)
-        self._freeze(network)
+        self._check_trainable(network)
         if self._network is not network:  # a second run() of the same trainer keeps the selection state
             params = dict(network.named_parameters())
             self._trainable = [p for p in params.values() if p.requires_grad]
@@ -137,20 +152,21 @@ class DGSTHandler:
             pending, self._pending = self._pending, None
             self._apply_state(pending)
 
-    def _freeze(self, network: nn.Module) -> None:
+    def _check_trainable(self, network: nn.Module) -> None:
         wanted = self.method.trainable(network)
         params = dict(network.named_parameters())
+        differing = [n for n, w in wanted.items() if params[n].requires_grad != w]
+        if not differing:  # prepared by apply_method, as the bundles do
+            return
         if isinstance(network, DistributedDataParallel):
             # DDP registered its trainable set at construction; changing requires_grad now would hang the reducer
-            if any(params[n].requires_grad != w for n, w in wanted.items()):
-                raise ValueError(
-                    f"the network is wrapped in DistributedDataParallel with a trainable set that differs from "
-                    f"method {self.method.name!r}: call dgst_monai.apply_method(network, {self.method.name!r}) "
-                    "before wrapping it"
-                )
-            return
-        for name, flag in wanted.items():
-            params[name].requires_grad_(flag)
+            raise ValueError(
+                f"the network is wrapped in DistributedDataParallel with a trainable set that differs from "
+                f"method {self.method.name!r}: call dgst_monai.apply_method(network, {self.method.name!r}) "
+                "before wrapping it"
+            )
+        for name in differing:
+            params[name].requires_grad_(wanted[name])
 
     def _before_first_update(self, engine: Engine) -> None:
         if self._checked_start:
@@ -163,7 +179,7 @@ class DGSTHandler:
             raise RuntimeError(
                 f"{self.method.label} continues its selection from step {self._steps} but the trainer starts at "
                 f"iteration {engine.state.iteration}: a resumed run needs the handler's state, so put the "
-                "DGSTHandler in the training-state checkpoint's save_dict (e.g. save_dict={..., 'dgst': handler})"
+                "FineTuningHandler in the training-state checkpoint's save_dict (e.g. save_dict={..., 'dgst': handler})"
             )
         if isinstance(selector, AccumulatedGradientSelector) and not selector.calibrated:
             self._calibrate(engine, selector)
@@ -239,10 +255,10 @@ class DGSTHandler:
         """
         missing = {"settings", "steps", "selector"} - set(state)
         if missing:
-            raise ValueError(f"DGSTHandler state lacks {sorted(missing)} (keys: {sorted(state)})")
+            raise ValueError(f"FineTuningHandler state lacks {sorted(missing)} (keys: {sorted(state)})")
         if dict(state["settings"]) != self._settings():
             raise ValueError(
-                f"the training state was saved by DGSTHandler with {dict(state['settings'])}, this handler has "
+                f"the training state was saved by FineTuningHandler with {dict(state['settings'])}, this handler has "
                 f"{self._settings()}: resume with the settings of the interrupted run"
             )
         if self._network is None:
@@ -269,6 +285,11 @@ class DGSTHandler:
         fraction = self.updated_fraction()
         engine.state.metrics["updated_fraction"] = fraction
         self.logger.info(f"{self.method.label}: {fraction:.6%} of parameter entries updated per step")
+
+
+#: The same handler under the paper's name: ``dgst_monai.handlers.DGSTHandler`` in a config or in code is a
+#: :class:`FineTuningHandler`.
+DGSTHandler = FineTuningHandler
 
 
 def _repeat(loader: Iterable[Any]) -> Iterator[Any]:
