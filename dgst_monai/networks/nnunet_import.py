@@ -207,6 +207,19 @@ def export_nnunet(
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), output)
 
+    override = _bundle_override(model, net, model_folder, fold, deep_supr_num, axes)
+    # the model's CT normalisation travels with its weights, as for every bundle checkpoint
+    save_normalization(output.parent, normalization_from_nnunet_plans(Path(model_folder) / "plans.json"))
+    override_path = output.with_name(f"{output.stem}_override.json")
+    override_path.write_text(json.dumps(override, indent=4) + "\n", encoding="utf-8")
+    return output
+
+
+def _bundle_override(
+    model: _ImportedModel, net: NNUNetDynUNet, model_folder: str | Path, fold: int | str, deep_supr_num: int,
+    axes: Axes,
+) -> dict[str, Any]:
+    """The ``ln_ct_dynunet`` override of an exported model: its source, plan, channels, resampling, orientation."""
     perm = bundle_to_nnunet_axes(model.transpose_forward) if axes == "bundle" else (0, 1, 2)
     norm_name, norm_args = model.kwargs["norm_name"]
     act_name, act_args = model.kwargs["act_name"]
@@ -223,7 +236,7 @@ def export_nnunet(
         act_name=(act_name, dict(act_args)),
         conv_bias=net.conv_bias,
     )
-    override = {
+    return {
         "nnunet_source": {
             "model_folder": str(Path(model_folder).resolve()),
             "fold": fold,
@@ -241,11 +254,6 @@ def export_nnunet(
         # and predicts in the file's own voxel order, as nnU-Net does (no reorientation to RAS)
         "orientation": "file",
     }
-    # the model's CT normalisation travels with its weights, as for every bundle checkpoint
-    save_normalization(output.parent, normalization_from_nnunet_plans(Path(model_folder) / "plans.json"))
-    override_path = output.with_name(f"{output.stem}_override.json")
-    override_path.write_text(json.dumps(override, indent=4) + "\n", encoding="utf-8")
-    return output
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -440,39 +448,67 @@ def _dynunet_kwargs(
 ) -> dict[str, Any]:
     """NNUNetDynUNet keyword arguments for a PlainConvUNet architecture, or a clear refusal."""
     where = f"{plans_path}: configuration {configuration!r}"
-    network_class = _class_tail(arch["network_class_name"])
+    _check_network_class(arch["network_class_name"], where, trainer_name)
+    kw = arch["arch_kwargs"]
+    features, kernels, strides = _stages(kw, where, plans_path)
+    norm_args, act = _norm_and_activation(kw, where)
+    conv_bias = bool(kw.get("conv_bias", False))  # PlainConvUNet's own default; nnU-Net's plans say True
+    return dict(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernels,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=features,
+        norm_name=("INSTANCE", norm_args),
+        act_name=act,
+        conv_bias=conv_bias,
+        trans_bias=conv_bias,
+    )
+
+
+def _check_network_class(class_name: str, where: str, trainer_name: str) -> None:
+    """Refuse every network class but PlainConvUNet (ResEnc with its reason)."""
+    network_class = _class_tail(class_name)
     if network_class == "ResidualEncoderUNet":
         raise NNUNetImportError(
-            f"{where}: network {arch['network_class_name']} (nnU-Net ResEnc) is not supported: its stages hold "
+            f"{where}: network {class_name} (nnU-Net ResEnc) is not supported: its stages hold "
             "several residual blocks with average-pool shortcuts and a stem, which MONAI's DynUNet cannot hold; "
             "only PlainConvUNet (nnU-Net's default 3d_fullres) can be imported"
         )
     if network_class != "PlainConvUNet":
         raise NNUNetImportError(
-            f"{where}: network class {arch['network_class_name']!r} (trainer {trainer_name}) is not supported; "
+            f"{where}: network class {class_name!r} (trainer {trainer_name}) is not supported; "
             "only dynamic_network_architectures' PlainConvUNet can be imported"
         )
-    kw = arch["arch_kwargs"]
 
-    def need(key: str) -> Any:
-        if key not in kw:
-            raise NNUNetImportError(f"{where}: arch_kwargs lacks {key!r}")
-        return kw[key]
 
-    conv_op = _class_tail(need("conv_op"))
+def _need(kw: Mapping[str, Any], key: str, where: str) -> Any:
+    """``kw[key]``, or an error naming the missing key."""
+    if key not in kw:
+        raise NNUNetImportError(f"{where}: arch_kwargs lacks {key!r}")
+    return kw[key]
+
+
+def _stages(
+    kw: Mapping[str, Any], where: str, plans_path: Path
+) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """Features, kernels and strides per stage of 3D arch_kwargs that DynUNet can hold, or a clear refusal."""
+    conv_op = _class_tail(_need(kw, "conv_op", where))
     if conv_op != "Conv3d":
-        raise NNUNetImportError(f"{where}: conv_op {need('conv_op')} is not supported (3D configurations only)")
-    n_stages = int(need("n_stages"))
+        raise NNUNetImportError(f"{where}: conv_op {kw['conv_op']} is not supported (3D configurations only)")
+    n_stages = int(_need(kw, "n_stages", where))
     if n_stages < 3:
         raise NNUNetImportError(f"{where}: {n_stages} stages; MONAI's DynUNet needs at least 3 (two poolings)")
-    features = need("features_per_stage")
+    features = _need(kw, "features_per_stage", where)
     features = [int(features)] * n_stages if isinstance(features, int) else [int(f) for f in features]
     if len(features) != n_stages:
         raise NNUNetImportError(f"{where}: features_per_stage has {len(features)} entries for {n_stages} stages")
-    kernels = _expand(need("kernel_sizes"), n_stages, 3, "kernel_sizes", plans_path)
-    strides = _expand(need("strides"), n_stages, 3, "strides", plans_path)
+    kernels = _expand(_need(kw, "kernel_sizes", where), n_stages, 3, "kernel_sizes", plans_path)
+    strides = _expand(_need(kw, "strides", where), n_stages, 3, "strides", plans_path)
     for key, count in (("n_conv_per_stage", n_stages), ("n_conv_per_stage_decoder", n_stages - 1)):
-        value = need(key)
+        value = _need(kw, key, where)
         value = [value] * count if isinstance(value, int) else list(value)
         if value != [2] * count:
             raise NNUNetImportError(
@@ -486,6 +522,14 @@ def _dynunet_kwargs(
                     f"{where}: stage {stage} kernel {kernel} / stride {stride} not supported (odd kernels and "
                     "strides of 1 or 2 only, where nnU-Net's and DynUNet's paddings agree)"
                 )
+    return features, kernels, strides
+
+
+def _norm_and_activation(
+    kw: Mapping[str, Any], where: str
+) -> tuple[dict[str, Any], tuple[str, dict[str, Any]]]:
+    """Instance-norm arguments and DynUNet activation of arch_kwargs without dropout, conv-nonlin-norm order
+    or other norms and nonlinearities (those are refused)."""
     if kw.get("dropout_op") is not None:
         raise NNUNetImportError(f"{where}: dropout_op {kw['dropout_op']} is not supported (nnU-Net's default is None)")
     if kw.get("nonlin_first", False):
@@ -504,20 +548,7 @@ def _dynunet_kwargs(
         act = ("relu", {"inplace": True})
     else:
         raise NNUNetImportError(f"{where}: nonlin {kw.get('nonlin')} is not supported (LeakyReLU or ReLU)")
-    conv_bias = bool(kw.get("conv_bias", False))  # PlainConvUNet's own default; nnU-Net's plans say True
-    return dict(
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        kernel_size=kernels,
-        strides=strides,
-        upsample_kernel_size=strides[1:],
-        filters=features,
-        norm_name=("INSTANCE", norm_args),
-        act_name=act,
-        conv_bias=conv_bias,
-        trans_bias=conv_bias,
-    )
+    return norm_args, act
 
 
 def _expected_names(n_stages: int, conv_bias: bool, affine: bool) -> dict[str, str]:
