@@ -3,12 +3,12 @@
 ``python -m monai.bundle run`` reads every ``--key value`` with fire, which turns ``False`` into the bool
 False and ``0`` into the int 0 but leaves ``false`` or ``no`` as the *string* ``"false"`` / ``"no"``, and a
 non-empty string is true in Python: ``--resume false`` would resume. A bundle therefore never uses a boolean key
-directly but through :func:`flag`::
+directly but reads it once through :func:`flag`, in its ``settings`` entry, which the consumers refer to::
 
     "resume": false,
+    "settings": {"resume": {"_target_": "dgst_monai.config_values.flag", "value": "@resume", "name": "resume"}},
     ...
-    {"_target_": "dgst_monai.handlers.TrainingStateCheckpoint", "resume": "$dgst_monai.config_values.flag(@resume,
-    'resume')"}
+    {"_target_": "dgst_monai.handlers.TrainingStateCheckpoint", "resume": "@settings#resume"}
 
 Example:
     >>> from dgst_monai.config_values import flag

@@ -150,7 +150,7 @@ def save_training_record(ckpt_dir: str | os.PathLike[str], record: Mapping[str, 
     Example::
 
         # last entry of a bundle's "run" list
-        "$dgst_monai.export.save_training_record(@ckpt_dir, @training_record)"
+        {"_target_": "dgst_monai.export.save_training_record", "ckpt_dir": "@ckpt_dir", "record": "@training_record"}
     """
     import torch.distributed as dist
 

@@ -10,10 +10,11 @@ nor a key they refer to (``@key``), nor a new argument of one of their component
 component's signature). Each check prints one message saying what to do and exits with status 2 (a bundle's
 ``initialize`` list calls them)::
 
-    "initialize": ["$dgst_monai.preflight.check_command_line()",
-                   "$dgst_monai.preflight.check_output_folder(@ckpt_dir)",
-                   "$dgst_monai.preflight.check_data(@datalist, @out_channels, @in_channels)",
-                   "$monai.utils.set_determinism(seed=@seed)"]
+    "initialize": [{"_target_": "dgst_monai.preflight.check_command_line"},
+                   {"_target_": "dgst_monai.preflight.check_output_folder", "folder": "@ckpt_dir"},
+                   {"_target_": "dgst_monai.preflight.check_data", "datalist": "@datalist",
+                    "out_channels": "@out_channels", "in_channels": "@in_channels"},
+                   {"_target_": "monai.utils.set_determinism", "seed": "@seed"}]
 
 Example:
     >>> from dgst_monai.preflight import unknown_overrides

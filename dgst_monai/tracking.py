@@ -2,15 +2,16 @@
 
 ``python -m monai.bundle run ... --tracking mlflow`` appends MONAI's ``MLFlowHandler`` to ``train#handlers``
 (and to ``validate#handlers`` and ``handlers``). That handler logs, at every epoch end, what the other handlers
-have put into ``engine.state.metrics`` by then (``DGSTHandler``: ``updated_fraction``), and at the start the
+have put into ``engine.state.metrics`` by then (``FineTuningHandler``: ``updated_fraction``), and at the start the
 parameters it was given (``experiment_param``: none by default). The bundles therefore pass their trainer's
 handler list through :func:`tracked_handlers`, which moves the MLflow handlers last and gives them the bundle's
 ``experiment_param`` (method, gamma, shots, ...). Without ``--tracking`` it returns the list unchanged.
 
 Example (a bundle config)::
 
+    "imports": ["$from dgst_monai.tracking import tracked_handlers"],
     "experiment_param": {"method": "@method", "gamma": "@gamma", "shots": "@shots", "seed": "@seed"},
-    "train#trainer#train_handlers": "$dgst_monai.tracking.tracked_handlers(@train#handlers, @experiment_param)"
+    "train#trainer#train_handlers": "$tracked_handlers(@train#handlers + @train#fine_tuning_handlers, @experiment_param)"
 """
 
 from __future__ import annotations

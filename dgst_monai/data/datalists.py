@@ -1,6 +1,7 @@
 """MONAI datalists: the embedded synthetic default, splits, few-shot subsets and CT normalisation statistics.
 
-Bundle configs call these by ``$dgst_monai.data.datalists.<name>(...)``.
+Bundle configs call these as components, e.g. ``{"_target_": "dgst_monai.data.datalists.load_split",
+"datalist": "@datalist", "split": "training"}``.
 """
 
 from __future__ import annotations
