@@ -59,8 +59,8 @@ def test_predict_segments_every_scan_and_leaves_mirror_off(
         (["predict", "--input", "a.nii.gz", "--input", "b.nii.gz"], "--input given twice"),
         (["predict", "--input", "a.nii.gz", "--checkpoint"], "--checkpoint needs a value"),
         (["predict", "-i", "a.nii.gz"], "unknown option -i; write it out: --input"),
-        (["demo", "tiny"], "demo: unexpected argument 'tiny'; options: --output, --preset, --shots, --seed"),
-        (["demo", "--presett", "tiny"], "unknown option --presett"),
+        (["demo", "tiny"], "demo: unexpected argument 'tiny'; options: --output, --size, --shots, --seed"),
+        (["demo", "--sizee", "tiny"], "unknown option --sizee"),
         (["demo", "--out", "runs/x"], "unknown option --out; options: --output"),
         (["delta", "export", "--base", "a.pt", "--tuned", "b.pt", "--o", "d.pt"], "write it out: --output"),
         (["data", "split", "datalist.json", "3,5"], "'3,5' would be taken as --shots; name it: --shots 3,5"),
@@ -100,7 +100,7 @@ def test_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch, p
         ["data", "synth", "--output", "phantoms", "--fov_mm", "[96,96,32]", "--seed", "-1"],
         ["delta", "apply", "--base", "a.pt", "--delta", "d.pt", "--output", "b.pt"],
         ["import-nnunet", "nnunet_folder", "--output", "model.pt", "--fold", "all"],
-        ["demo", "--preset", "tiny", "--output", "runs/tiny"],
+        ["demo", "--size", "tiny", "--output", "runs/tiny"],
         ["demo", "--help"],
         ["benchmark", "--output", "runs/b", "--shots", "5,10", "--methods", "full,dgst", "--threads", "1"],
         ["benchmark", "report", "runs/b"],
@@ -154,8 +154,8 @@ def test_repeated_serve_options_become_one_list_and_other_repeats_are_refused():
     assert merge_repeated_options(["serve", "--bundle", "a", "b"]) == ["serve", "--bundle", "a", "b"]
     with pytest.raises(CommandLineError, match="serve: --bundle needs a value"):
         merge_repeated_options(["serve", "--bundle", "a", "--bundle", "--port", "1"])
-    with pytest.raises(CommandLineError, match=r"demo: --preset given twice; give it once$"):
-        check_command_line(Commands(), merge_repeated_options(["demo", "--preset", "a", "--preset", "b"]))
+    with pytest.raises(CommandLineError, match=r"demo: --size given twice; give it once$"):
+        check_command_line(Commands(), merge_repeated_options(["demo", "--size", "a", "--size", "b"]))
 
 
 def test_help_lists_the_options_as_they_must_be_written(capsys):

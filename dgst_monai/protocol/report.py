@@ -102,7 +102,7 @@ def summarize_cells(
             summary[f"{metric}_std_cases"] = statistics.pstdev(values)
             summary[f"{metric}_std_seeds"] = statistics.pstdev(seed_means) if len(cells) > 1 else math.nan
             summary[f"{metric}_std"] = summary[f"{metric}_std_seeds" if len(cells) > 1 else f"{metric}_std_cases"]
-        nodes = summarize_nodes([{k: _float(v) for k, v in r.items() if k not in ("cell", "method", "case_id")}
+        nodes = summarize_nodes([{k: _float(v) for k, v in r.items() if k not in ("cell", "method", "case_id", "domain", "update", "lr")}
                                  for r in group])
         summary.update({k: nodes[k] for k in NODE_COLUMNS})
         for key in ("median_s_per_iteration", "median_cpu_s_per_iteration", "cell_wall_s"):
