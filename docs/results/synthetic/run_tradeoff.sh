@@ -3,11 +3,12 @@
 # (retained source DSC) on the multisite and site_shift targets, 1 and 5 shots, seeds 0-2.
 # Resumable: every invocation skips the cells that have a result, so rerun the script after an interruption.
 # Seed 0 of every configuration runs first, then seeds 1 and 2; the two targets run side by side (1 thread each).
-# Usage: bash docs/results/synthetic/run_tradeoff.sh   (CACHE=/path to keep the phantoms and the foundation elsewhere)
+# Usage: bash docs/results/synthetic/run_tradeoff.sh
+#   CACHE=/path keeps the phantoms and the foundation elsewhere; BUNDLE=/path/to/ln_ct_dynunet runs another copy.
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 cache=${CACHE:-/work/bench-cache}
-common=(--cache "$cache" --preset tiny --pretrain_epochs 80 --max_epochs 20 --iterations_per_epoch 25
+common=(--cache "$cache" --bundle "${BUNDLE:-ln_ct_dynunet}" --preset tiny --pretrain_epochs 80 --max_epochs 20 --iterations_per_epoch 25
         --threads 1 --noprogress --shots 1,5)
 run() {
     local target=$1
