@@ -429,7 +429,7 @@ def run_benchmark(out: str | os.PathLike[str], spec: BenchmarkSpec | None = None
     from dgst_monai.resources import find_bundle
 
     spec = dataclasses.replace(spec or BenchmarkSpec(), **options)
-    out = Path(out)
+    out = Path(out).resolve()  # cells run bundle configs by path, from any working directory
     out.mkdir(parents=True, exist_ok=True)
     bundle_path = find_bundle(str(spec.bundle)).resolve()
     _check(spec)
