@@ -1,7 +1,7 @@
 """setuptools' package list: every package under dgst_monai/, found, plus the two shipped folders.
 
 ``pyproject.toml`` holds everything else; it maps ``bundles/`` and ``data_manifests/`` onto the package names
-``dgst_monai.bundles`` and ``dgst_monai.data_manifests`` (``dgst_monai.resources`` finds them). Automatic discovery
+``dgst_monai.bundles`` and ``dgst_monai.data_manifests`` (``dgst_monai.bundle.resources`` finds them). Automatic discovery
 cannot see mapped folders and an explicit list in pyproject.toml would miss each new subpackage, hence this file.
 """
 

@@ -1,1 +1,1 @@
-"""The shipped MONAI bundles, installed as the package data ``dgst_monai.bundles`` (see :mod:`dgst_monai.resources`)."""
+"""The shipped MONAI bundles, installed as the package data ``dgst_monai.bundles`` (see :mod:`dgst_monai.bundle.resources`)."""

@@ -11,11 +11,20 @@ Example::
 
     net = dgst_monai.apply_method(net, "dgst")          # imports dgst_monai.methods
     handler = dgst_monai.FineTuningHandler(method="dgst")  # imports the Ignite handler
+
+Modules that live in a sub-package keep their former names as aliases (:data:`MOVED_MODULES`):
+``import dgst_monai.export`` gives the module ``dgst_monai.bundle.export`` itself, so configs and scripts that
+name ``dgst_monai.preflight.check_command_line`` or run ``python -m dgst_monai.bundle_variants`` still work.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from types import CodeType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -40,6 +49,48 @@ _ATTRIBUTES: dict[str, str] = {
 _SUBPACKAGES = ("networks", "handlers", "data")
 
 __all__ = sorted([*_ATTRIBUTES, "networks"])
+
+#: former module name -> the module it names (the same module object is imported under both names)
+MOVED_MODULES: dict[str, str] = {
+    "dgst_monai.bundle_variants": "dgst_monai.bundle.variants",
+    "dgst_monai.config_values": "dgst_monai.bundle.config_values",
+    "dgst_monai.export": "dgst_monai.bundle.export",
+    "dgst_monai.preflight": "dgst_monai.bundle.checks",
+    "dgst_monai.resources": "dgst_monai.bundle.resources",
+    "dgst_monai.tracking": "dgst_monai.bundle.tracking",
+    "dgst_monai.data.multisite": "dgst_monai.data.phantoms.benchmark_sets",
+    "dgst_monai.data.phantom_anatomy": "dgst_monai.data.phantoms.anatomy",
+    "dgst_monai.data.phantom_shapes": "dgst_monai.data.phantoms.shapes",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports a name of :data:`MOVED_MODULES` as the module it names, and runs it under ``python -m``."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        module = importlib.import_module(MOVED_MODULES[spec.name])
+        spec.loader_state = module.__spec__  # the import machinery overwrites __spec__; exec_module restores it
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__ = module.__spec__.loader_state  # type: ignore[union-attr]
+
+    def get_code(self, fullname: str) -> CodeType | None:
+        """The code of the module ``fullname`` names: what ``python -m <former name>`` runs (runpy asks for it)."""
+        spec = importlib.util.find_spec(MOVED_MODULES[fullname])
+        loader = spec.loader if spec is not None else None
+        return loader.get_code(spec.name) if isinstance(loader, importlib.abc.InspectLoader) else None
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time everything is resolved by __getattr__
     from dgst_monai import networks

@@ -118,8 +118,8 @@ class Commands:
         (``predict a.nii.gz b.nii.gz --bundle ...``). ``--bundle`` is a bundle folder or the name of a shipped
         bundle (``ln_ct_dynunet``); ``--preset`` the network the checkpoint was trained with (``cpu-small``).
         """
+        from dgst_monai.bundle.resources import find_bundle
         from dgst_monai.predict import predict
-        from dgst_monai.resources import find_bundle
 
         given = [] if input is None else [input] if isinstance(input, (str, int, float)) else list(input)
         sources = [str(s) for s in [*given, *scans]]
@@ -160,8 +160,8 @@ class Commands:
         ``normalization.json``, a new version whose changelog names the method, shots and data (from the
         ``training_record.json`` beside the checkpoint) and ``eval_metrics`` from ``--evaluation``
         (``<ckpt_dir>/eval/summary.json``). It passes the model zoo's checks before it is written."""
-        from dgst_monai.export import NO_EVALUATION, export_bundle
-        from dgst_monai.resources import find_bundle
+        from dgst_monai.bundle.export import NO_EVALUATION, export_bundle
+        from dgst_monai.bundle.resources import find_bundle
 
         if evaluation is None:
             print(f"dgst-monai export: note: {NO_EVALUATION}", file=sys.stderr)
@@ -208,7 +208,7 @@ class Commands:
         series is stored back into it as a DICOM-SEG (``--store_format rtstruct``: an RTSTRUCT), and the PACS's
         RTSTRUCT / SEG contours whose ROI / segment names match ``--structures 'LN*,*node*'`` are the labels a
         fine-tune trains on, with those submitted through the label API."""
-        from dgst_monai.resources import find_bundle
+        from dgst_monai.bundle.resources import find_bundle
         from dgst_monai.serve.launcher import serve
 
         def listed(value: Any) -> list[str]:  # one value or a list; fire leaves "[a/b.pt, c/d.pt]" a string

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgst_monai.bundle.resources import bundle_dir
 from dgst_monai.data.datalists import synthetic_datalist
-from dgst_monai.resources import bundle_dir
 
 
 class DemoSettingsError(ValueError):

@@ -13,7 +13,8 @@ the labels) and z-scores it with the foreground mean and std. That is one clippe
 
 Both computed paths share :func:`foreground_sample` and :func:`intensity_properties_of`. A training run
 writes the arguments it used to ``normalization.json`` in its checkpoint folder (:func:`save_normalization`),
-and evaluation and inference read them from beside the checkpoint (:func:`load_normalization`).
+and evaluation and inference read them from beside the checkpoint (:func:`load_normalization`), both through
+one transform, :class:`dgst_monai.transforms.CheckpointNormalized`.
 
 Example:
     >>> from dgst_monai.normalization import scale_intensity_range
@@ -327,9 +328,9 @@ def load_normalization(checkpoint: str | os.PathLike[str]) -> dict[str, float]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the intensity normalisation of the model in {ckpt} is unknown. Training writes it "
-            "beside model.pt; for other weights override `intensity` with the training set's values, e.g. "
-            "--intensity \"{'_target_': 'dgst_monai.data.datalists.ct_normalization', 'datalist': "
-            "'<training datalist.json>'}\""
+            "beside model.pt; for other weights write it there from their training set's statistics: python -c "
+            "\"from dgst_monai.data.datalists import ct_normalization; from dgst_monai.normalization import "
+            f"save_normalization; save_normalization('{path.parent}', ct_normalization('<training datalist.json>'))\""
         )
     values = read_json(path, "normalization file")
     if not isinstance(values, dict):

@@ -53,7 +53,7 @@ def find_inputs(
         DicomError: an unknown format, a DICOM format for an input that is not a DICOM series, or a series that
             is not one regular volume.
     """
-    from dgst_monai.config_values import output_formats
+    from dgst_monai.bundle.config_values import output_formats
     from dgst_monai.dicom.series import DicomError
     from dgst_monai.dicom.writers import DICOM_FORMATS
 
@@ -209,7 +209,7 @@ def predict(
     weights = Path(checkpoint).expanduser().resolve() if checkpoint else root / "models" / "model.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {weights} not found; pass checkpoint=... (--checkpoint)")
-    from dgst_monai.config_values import output_formats
+    from dgst_monai.bundle.config_values import output_formats
 
     formats = output_formats(format)
     sources = find_inputs(input, formats)

@@ -26,6 +26,9 @@ class CTNormalized(ScaleIntensityRanged):
     """``ScaleIntensityRanged(clip=True)`` given its four values as one dict, as the bundles hold a CT
     normalisation (``intensity``: the datalist's, the foundation's ``normalization.json``, or the shots').
 
+    ``train.json``'s ``normalizer``: training knows its values before it starts. Evaluation and inference
+    normalise with the evaluated checkpoint's own values, through :class:`CheckpointNormalized`.
+
     Args:
         keys: image keys to normalise.
         intensity: ``{"a_min", "a_max", "b_min", "b_max"}``
@@ -37,7 +40,7 @@ class CTNormalized(ScaleIntensityRanged):
 
     Example::
 
-        {"_target_": "dgst_monai.transforms.CTNormalized", "keys": "image", "intensity": "@intensity"}
+        "normalizer": {"_target_": "dgst_monai.transforms.CTNormalized", "keys": "image", "intensity": "@intensity"}
     """
 
     def __init__(self, keys: KeysCollection, intensity: Mapping[str, float], allow_missing_keys: bool = False) -> None:
@@ -48,10 +51,13 @@ class CTNormalized(ScaleIntensityRanged):
 class CheckpointNormalized(MapTransform):
     """``ScaleIntensityRanged(clip=True)`` with the normalisation a checkpoint was trained with.
 
-    The values come from ``normalization.json`` beside ``checkpoint`` (written by every training and fine-tuning
-    run), read on the first call rather than at construction: an inference or evaluation config then builds (the
-    model zoo's ``initialize()`` / ``check_properties()``, MONAI Label's parsing) before any weights exist, and
-    a missing file is reported when the first scan is processed, naming the checkpoint.
+    The one way evaluation and inference normalise a scan: ``evaluate.json``'s ``normalizer`` is this transform,
+    and ``inference.json``'s :class:`ResampleAndNormalized` (which ``dgst-monai predict`` and the MONAI Label app
+    run) applies it, so both give the same input to the network. The values come from ``normalization.json``
+    beside ``checkpoint`` (written by every training and fine-tuning run), read on the first call rather than at
+    construction: an inference or evaluation config then builds (the model zoo's ``initialize()`` /
+    ``check_properties()``, MONAI Label's parsing) before any weights exist, and a missing file is reported when
+    the first scan is processed, naming the checkpoint.
 
     Args:
         keys: image keys to normalise.
@@ -60,8 +66,8 @@ class CheckpointNormalized(MapTransform):
 
     Example::
 
-        Compose([LoadImaged("image"), EnsureChannelFirstd("image"),
-                 CheckpointNormalized("image", checkpoint="models/model.pt")])
+        "normalizer": {"_target_": "dgst_monai.transforms.CheckpointNormalized", "keys": "image",
+                       "checkpoint": "@checkpoint"}
     """
 
     def __init__(
@@ -193,7 +199,7 @@ class SaveDicomd(MapTransform):
         roi_name: str = "Lymph nodes",
         allow_missing_keys: bool = False,
     ) -> None:
-        from dgst_monai.config_values import output_formats
+        from dgst_monai.bundle.config_values import output_formats
         from dgst_monai.dicom.writers import DICOM_FORMATS
 
         super().__init__(keys, allow_missing_keys)

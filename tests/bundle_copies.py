@@ -9,7 +9,7 @@ from typing import Any
 
 from bundle_support import BUNDLES
 
-#: The seed step of the bundles' ``initialize`` (what is left when a test drops the preflight checks before it).
+#: The seed step of the bundles' ``initialize`` (what is left when a test drops the bundle checks before it).
 SEED = "$monai.utils.set_determinism(seed=@seed)"
 
 

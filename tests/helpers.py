@@ -2,7 +2,7 @@
 
 Imported by the test modules (``from helpers import ...``; pytest puts ``tests/`` on the path) and by
 ``conftest.py``'s fixtures, so that each of these is written once. Bundle workflows are built with the
-library's own :func:`dgst_monai.export.bundle_workflow` (re-exported here) and checked as the model zoo does
+library's own :func:`dgst_monai.bundle.export.bundle_workflow` (re-exported here) and checked as the model zoo does
 (:func:`checked`, :func:`run_checked`).
 
 Example::
@@ -32,7 +32,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import DynUNet
 from torch import nn
 
-from dgst_monai.export import bundle_workflow
+from dgst_monai.bundle.export import bundle_workflow
 from dgst_monai.losses import StackedDeepSupervisionLoss
 from dgst_monai.networks.adapters import MergedView
 from dgst_monai.networks.inference import drop_deep_supervision_heads_on_load

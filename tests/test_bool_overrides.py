@@ -1,6 +1,6 @@
 """Boolean overrides mean what they say: ``--resume false``, ``--mirror no``, ``--amp 0``, ``--size_prior False``
 typed on a ``python -m monai.bundle run`` command line turn those off (fire hands the bundle the strings
-``"false"`` / ``"no"``, which Python finds true), through ``dgst_monai.config_values.flag``, once per setting (the configs' ``settings``)."""
+``"false"`` / ``"no"``, which Python finds true), through ``dgst_monai.bundle.config_values.flag``, once per setting (the configs' ``settings``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from bundle_copies import config_list, copy_bundle
 from monai.bundle import ConfigParser
 
-from dgst_monai.config_values import flag
+from dgst_monai.bundle.config_values import flag
 from dgst_monai.handlers import TrainingStateCheckpoint
 
 #: What the test reads back from the parsed bundle, instead of running it: the objects the booleans configure.

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from bundle_support import BUNDLE_NAMES, BUNDLES, TINY_NETWORK, TINY_RUN
 from helpers import bundle_workflow, checked, error_chain
 
-from dgst_monai.export import verify_network
+from dgst_monai.bundle.export import verify_network
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)

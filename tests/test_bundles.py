@@ -16,7 +16,7 @@ from bundle_support import BUNDLE_NAMES, BUNDLES, TINY_NETWORK, TINY_RUN, make_w
 from helpers import error_chain
 from ignite.engine import Events
 
-from dgst_monai.bundle_variants import SOURCE_BUNDLE, VARIANTS, write_variants
+from dgst_monai.bundle.variants import SOURCE_BUNDLE, VARIANTS, write_variants
 
 #: Keys the model zoo and MONAI Label read, per config they must be found in.
 REQUIRED_KEYS = {
@@ -109,14 +109,14 @@ def test_layout_keys_and_metadata(bundle):
 
 
 def test_generated_bundle_is_up_to_date_and_bundles_hold_no_links(tmp_path):
-    """ln_ct_swinunetr is exactly what dgst_monai.bundle_variants writes from ln_ct_dynunet, and the network
+    """ln_ct_swinunetr is exactly what dgst_monai.bundle.variants writes from ln_ct_dynunet, and the network
     written in both bundles (``plan``) is the planner's; no bundle links."""
     shutil.copytree(BUNDLES / SOURCE_BUNDLE, tmp_path / SOURCE_BUNDLE, ignore=shutil.ignore_patterns("data", "models", "eval"))
     write_variants(tmp_path)
     files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and _tracked(p, root))  # noqa: E731
     for name in (SOURCE_BUNDLE, *VARIANTS):
         generated, committed = tmp_path / name, BUNDLES / name
-        assert files(generated) == files(committed), f"{name}: regenerate with python -m dgst_monai.bundle_variants bundles"
+        assert files(generated) == files(committed), f"{name}: regenerate with python -m dgst_monai.bundle.variants bundles"
         for rel in files(generated):
             assert (generated / rel).read_bytes() == (committed / rel).read_bytes(), f"{name}/{rel} is stale"
     assert [p for p in BUNDLES.rglob("*") if p.is_symlink()] == []

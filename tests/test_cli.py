@@ -12,9 +12,9 @@ from test_inference_geometry import tiny_checkpoint  # noqa: F401 - the fixture:
 
 import dgst_monai.demo
 import dgst_monai.predict
+from dgst_monai.bundle.resources import bundle_dir, find_bundle
 from dgst_monai.cli import CommandLineError, Commands, check_command_line, main, merge_repeated_options
 from dgst_monai.predict import mask_path
-from dgst_monai.resources import bundle_dir, find_bundle
 
 
 @pytest.fixture

@@ -217,7 +217,7 @@ def test_training_refuses_the_truncated_upload(tmp_path: Path, tiny_ct: Any) -> 
     root = copy_bundle(tmp_path)
     workflow = make_workflow(
         root, ["train"], datalist=str(datalist), ckpt_dir=str(tmp_path / "models"), num_validation=0, val_interval=0,
-        initialize=[SEED],  # the reader's own refusal: without the preflight data check in front of it
+        initialize=[SEED],  # the reader's own refusal: without the bundle's data check in front of it
     )  # fmt: skip
     workflow.initialize()
     with pytest.raises(Exception) as info:

@@ -27,8 +27,9 @@ from bundle_support import BUNDLES, TINY_NETWORK, TINY_RUN
 from helpers import bundle_workflow, checked, run_checked
 from monai.bundle import ConfigParser, ckpt_export
 
+from dgst_monai.bundle.export import BundleCheckError, export_bundle, verify_bundle, verify_network
+from dgst_monai.bundle.record import save_training_record
 from dgst_monai.data.datalists import ct_normalization
-from dgst_monai.export import BundleCheckError, export_bundle, save_training_record, verify_bundle, verify_network
 from dgst_monai.networks import plan_preset, swinunetr_plan
 from dgst_monai.normalization import save_normalization
 from dgst_monai.predict import predict
@@ -164,7 +165,7 @@ def test_export_with_a_preset_overlay_merges_it_and_checks_the_checkpoint(tiny_c
     with pytest.raises(ValueError, match="changelog"):
         export_bundle(root, ckpt, output, preset="cpu_small")  # no training record: nothing to say what it is
 
-    with caplog.at_level(logging.WARNING, logger="dgst_monai.export"):
+    with caplog.at_level(logging.WARNING, logger="dgst_monai.bundle.export"):
         export_bundle(root, ckpt, output, preset="cpu_small", changelog="pre-trained", check_overrides=checks)
     assert "the exported bundle carries no eval_metrics" in caplog.text  # no evaluation given: said
     with zipfile.ZipFile(output) as archive:

@@ -1,9 +1,10 @@
-"""Checks before long work (dgst_monai.preflight, in the bundle's ``initialize``): a misspelt override, an
+"""Checks before long work (dgst_monai.bundle.checks, in the bundle's ``initialize``): a misspelt override, an
 unwritable or full output folder, a datalist that fails the data check or has more label classes than the
 network each stop the run at once with one message and exit status 2."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,9 +14,13 @@ from typing import Any
 import pytest
 from bundle_copies import config_list, copy_bundle, make_workflow
 
-from dgst_monai.preflight import check_command_line, check_data, check_output_folder, unknown_overrides
-
-MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"  # what sys.argv[0] is under -m
+from dgst_monai.bundle.checks import (
+    bundle_run_arguments,
+    check_command_line,
+    check_data,
+    check_output_folder,
+    unknown_overrides,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +58,56 @@ def test_known_keys_pass_and_misspelt_ones_are_named_with_a_suggestion(bundle: P
     ]
 
 
-def test_command_line_check_skips_monai_s_own_arguments_and_other_programs(
-    bundle: Path, capsys: pytest.CaptureFixture[str]
+def test_the_check_skips_monai_s_own_arguments_and_reads_the_args_file(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    files = repr(config_list(bundle, "train", "finetune"))
-    own = ["--meta_file", "m.json", "--logging_file", "l.conf", "--tracking", "mlflow", "--tracking_uri", "sqlite:///x"]
-    check_command_line([MONAI_MAIN, "run", "--config_file", files, *own, "--method", "bias"])  # nothing wrong
-    check_command_line(["pytest", "run", "--config_file", files, "--methd", "bias"])  # not monai.bundle: not checked
+    files = config_list(bundle, "train", "finetune")
+    own = {"meta_file": "m.json", "logging_file": "l.conf", "tracking": "mlflow", "tracking_uri": "sqlite:///x"}
+    check_command_line({"config_file": files, **own, "method": "bias"})  # nothing wrong
+    check_command_line({"config_file": ",".join(files), "shots": 3})  # MONAI's comma-joined config_file
     with pytest.raises(SystemExit) as info:
-        check_command_line([MONAI_MAIN, "run", "--config_file", files, *own, "--methd=bias", "--shots", "3"])
+        check_command_line({"config_file": files, **own, "methd": "bias", "shots": 3})
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--methd: no such key (did you mean --method?)" in err and "--shots" not in err and "tracking" not in err
+
+    args_file = tmp_path / "args.json"  # MONAI takes the config files and further overrides from it
+    args_file.write_text(json.dumps({"config_file": files, "methd": "bias", "shots": 3}), encoding="utf-8")
+    with pytest.raises(SystemExit):
+        check_command_line({"args_file": str(args_file), "dgst_handler#gama": 2})
+    err = capsys.readouterr().err
+    assert "--methd: no such key" in err and "--dgst_handler#gama" in err and "--shots" not in err
+
+
+def test_only_the_monai_bundle_command_is_checked(
+    bundle: Path, tiny_ct: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command is recognised by what runs (``monai.bundle.__main__`` as ``__main__``, ``monai.bundle.run`` on
+    the call stack), not by the program's command line: a workflow made by other code passes whatever
+    ``sys.argv`` says; under the command, the overrides ``run`` was given are checked."""
+    files = config_list(bundle, "train", "finetune")
+    monai_argv = [
+        "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py", "run", "--config_file", repr(files),
+        "--methd", "bias",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", monai_argv)
+    assert bundle_run_arguments() is None
+    check_command_line()  # pytest runs this, not monai.bundle: nothing to check, whatever sys.argv says
+
+    from monai.bundle import run
+
+    # what runpy sets for python -m monai.bundle; outside run() there is still no command to read
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", importlib.util.find_spec("monai.bundle.__main__"))
+    assert bundle_run_arguments() is None
+    ckpt = tmp_path / "tuned"
+    with pytest.raises(SystemExit) as info:
+        run(
+            config_file=files, meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
+            datalist=tiny_ct.mediastinum, ckpt_dir=str(ckpt), preset="tiny", methd="bias",
+        )  # fmt: skip
+    assert info.value.code == 2
+    assert "--methd: no such key (did you mean --method?)" in capsys.readouterr().err
+    assert not ckpt.exists()
 
 
 def test_a_misspelt_override_stops_the_command_before_any_work(bundle: Path, tiny_ct: Any, tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dgst_monai.data.multisite import benchmark_datalist, case_knobs, target_spec
 from dgst_monai.data.phantoms import resolve_knobs
+from dgst_monai.data.phantoms.benchmark_sets import benchmark_datalist, case_knobs, target_spec
 from dgst_monai.data.splits import train_test_split
 
 

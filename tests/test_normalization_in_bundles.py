@@ -1,5 +1,6 @@
-"""The CT normalisation belongs to the model: fine-tuning, evaluation and inference use the checkpoint's, and a
-re-estimate from the shots reads the shots' labels only."""
+"""The CT normalisation belongs to the model: fine-tuning, evaluation and inference use the checkpoint's (evaluation
+and inference by the same transform, to the same values), and a re-estimate from the shots reads the shots' labels
+only."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from bundle_support import TINY_NETWORK, TINY_RUN, make_workflow
+import torch
+from bundle_support import BUNDLE_NAMES, BUNDLES, TINY_NETWORK, TINY_RUN, make_workflow
 from helpers import run_checked
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
 
 from dgst_monai.data.datalists import few_shot, load_split
-from dgst_monai.normalization import load_normalization
+from dgst_monai.normalization import load_normalization, save_normalization
+from dgst_monai.transforms import CheckpointNormalized, ResampleAndNormalized
 
 BUNDLE = "ln_ct_dynunet"
 NET = TINY_NETWORK[BUNDLE]
@@ -96,7 +101,41 @@ def test_evaluation_uses_the_checkpoints_window_not_the_datalists(foundation, ti
             **TINY_RUN,
         )
         workflow.initialize()
-        assert workflow.parser.get_parsed_content("intensity") == load_normalization(foundation)
         workflow.run()
         summaries.append(json.loads((tmp_path / name / "summary.json").read_text(encoding="utf-8")))
     assert summaries[0] == summaries[1]
+
+
+def _preprocessing(bundle: str, configs: list[str], **overrides: str) -> Compose:
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / bundle / "configs" / f"{name}.json") for name in configs])
+    parser.update({"bundle_root": str(BUNDLES / bundle), **TINY_NETWORK[bundle], **overrides})
+    return parser.get_parsed_content("preprocessing")
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_evaluation_and_inference_normalise_a_scan_identically(bundle, tiny_ct, tmp_path):
+    """evaluate.json and inference.json give the network the same voxels: the checkpoint's window applied to the
+    resampled scan, whatever the datalist's statistics (here the datalist does not even exist)."""
+    intensity = {"a_min": -150.0, "a_max": 250.0, "b_min": -1.5, "b_max": 2.5}
+    save_normalization(tmp_path, intensity)
+    checkpoint = str(tmp_path / "model.pt")  # no weights needed: preprocessing only
+    case = load_split(tiny_ct.mediastinum, "test")[0]
+    evaluation = _preprocessing(
+        bundle, ["train", "evaluate"], checkpoint=checkpoint, datalist=str(tmp_path / "missing.json")
+    )
+    inference = _preprocessing(bundle, ["inference"], checkpoint=checkpoint)
+    evaluated = evaluation(dict(case))["image"]
+    inferred = inference({"image": case["image"]})["image"]
+    assert evaluated.shape == inferred.shape
+    assert torch.equal(evaluated.as_tensor(), inferred.as_tensor())
+
+    # the values are the checkpoint's window on the resampled HU: rebuild them without the normaliser
+    unnormalised = Compose([t for t in evaluation.transforms if not isinstance(t, CheckpointNormalized)])
+    hu = unnormalised(dict(case))["image"].as_tensor()
+    a_min, a_max, b_min, b_max = (intensity[k] for k in ("a_min", "a_max", "b_min", "b_max"))
+    expected = ((hu.clamp(a_min, a_max) - a_min) / (a_max - a_min) * (b_max - b_min) + b_min).float()
+    assert torch.allclose(evaluated.as_tensor(), expected, atol=1e-5)
+    assert (hu < a_min).any() and (hu > a_min).any()  # the clip and the linear part both matter
+    (resample,) = [t for t in inference.transforms if isinstance(t, ResampleAndNormalized)]
+    assert resample.normalize.checkpoint == checkpoint

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dgst_monai.data.phantom_anatomy import MIXED_TISSUE, TISSUES
 from dgst_monai.data.phantoms import (
     DOMAINS,
     default_knobs,
@@ -19,6 +18,7 @@ from dgst_monai.data.phantoms import (
     synthesize_case,
     write_synthetic_dataset,
 )
+from dgst_monai.data.phantoms.anatomy import MIXED_TISSUE, TISSUES
 
 # Every node asked for must be placed (the placer warns otherwise); numpy must not hit 0/0 anywhere.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

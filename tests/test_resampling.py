@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
 from dgst_monai import resampling
-from dgst_monai.config_values import orientation
+from dgst_monai.bundle.config_values import orientation
 from dgst_monai.normalization import load_normalization, save_normalization
 from dgst_monai.predict import predict
 from dgst_monai.transforms import ResampleAndNormalized

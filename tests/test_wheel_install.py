@@ -90,7 +90,7 @@ def test_wheel_holds_every_module_and_shipped_file_and_no_run_output(wheel):
 def test_installed_package_runs_demo_and_cards_outside_the_checkout(venv, tmp_path):
     """``dgst-monai data cards`` and ``dgst-monai demo --size tiny`` from an empty folder: the package, its
     bundles and cards come from the fresh environment, and the demo writes nothing into the installed bundle."""
-    script = "import dgst_monai.resources as r; print(r.__file__, r.shipped_dir('bundles'))"
+    script = "import dgst_monai.bundle.resources as r; print(r.__file__, r.shipped_dir('bundles'))"
     module, bundles = (Path(p) for p in _run(venv, tmp_path, "python", "-c", script).split())
     assert module.is_relative_to(venv) and bundles.is_relative_to(venv)
     installed = {p: p.stat().st_mtime_ns for p in bundles.rglob("*") if "__pycache__" not in p.parts}

@@ -3,7 +3,7 @@
 A card is a JSON object; :func:`load_manifest` reads one by name (``segrap2023``, ``lnq2023``, ``radcure``,
 ``synthetic``) or path and checks it with :func:`validate_manifest`, which names the file and the field of the
 first problem. The cards are the repository's ``data_manifests/``, shipped with the package (found as
-:func:`dgst_monai.resources.shipped_dir` says); set ``DGST_MONAI_MANIFESTS`` to read them from elsewhere.
+:func:`dgst_monai.bundle.resources.shipped_dir` says); set ``DGST_MONAI_MANIFESTS`` to read them from elsewhere.
 
 Example:
     >>> from dgst_monai.data.manifests import load_manifest
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dgst_monai.resources import shipped_dir
+from dgst_monai.bundle.resources import shipped_dir
 
 __all__ = ["ManifestError", "list_manifests", "load_manifest", "manifest_dir", "validate_manifest"]
 

@@ -16,7 +16,7 @@ from monai.engines.utils import IterationEvents
 from monai.transforms import LoadImage
 from torch import nn
 
-from dgst_monai.config_values import flag
+from dgst_monai.bundle.config_values import flag
 from dgst_monai.data.unlabeled import images_only, unlabeled_cases
 
 

@@ -14,7 +14,7 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-from dgst_monai.config_values import flag
+from dgst_monai.bundle.config_values import flag
 from dgst_monai.files import atomic_torch_save, remove_interrupted_writes
 from dgst_monai.handlers.checkpoint_loader import SafeCheckpointLoader
 from dgst_monai.handlers.random_state import RandomState
@@ -110,7 +110,7 @@ class TrainingStateCheckpoint:
     checkpoint ``{"model": ..., "optimizer": ..., ...}``, loadable with MONAI's ``CheckpointLoader``.
 
     With ``resume=True`` (or ``"true"``, ``"yes"``, ``1``: a command-line ``--resume false`` means False, see
-    :func:`dgst_monai.config_values.flag`), when the run starts the latest state file is loaded into the same
+    :func:`dgst_monai.bundle.config_values.flag`), when the run starts the latest state file is loaded into the same
     objects with :class:`~dgst_monai.handlers.checkpoint_loader.SafeCheckpointLoader` (weights only, strict,
     errors naming the file); the trainer then continues with the epoch after the saved one, and ``max_epochs``
     stays the configured value (it must not be below the saved epoch). A missing state file is an error rather

@@ -7,7 +7,7 @@ method fine-tuned from the same foundation checkpoint with the same schedule thr
 lymph-node detection per case). The budget sweep (``eval_at``) also scores the checkpoints of chosen
 iteration counts of the same runs.
 
-Without a datalist and a foundation checkpoint the synthetic default is used (:mod:`dgst_monai.data.multisite`):
+Without a datalist and a foundation checkpoint the synthetic default is used (:mod:`dgst_monai.data.phantoms.benchmark_sets`):
 source and target phantoms and a foundation model pre-trained once on the source with the bundle's train
 config, all cached in ``cache`` (default ``<out>/cache``), so several runs can share them. Every cell's final
 checkpoint is also scored on a held-out source-domain test set (``source_test``; the synthetic default makes
@@ -114,7 +114,7 @@ class BenchmarkSpec:
         eval_at: also score the checkpoints after these iteration counts (the budget sweep).
         bundle_overrides: further bundle overrides for every run of every cell (part of the protocol), e.g.
             ``{"precision": "bfloat16"}``; the keys the runner sets per cell are refused.
-        target: synthetic target without ``datalist``: one of ``dgst_monai.data.multisite.BENCHMARK_TARGETS``.
+        target: synthetic target without ``datalist``: one of ``dgst_monai.data.phantoms.benchmark_sets.BENCHMARK_TARGETS``.
         synthetic: sizes of the synthetic default: ``default`` or ``tiny`` (tests).
         cache: folder of the synthetic data and foundation (default ``<out>/cache``).
         pretrain_epochs: epochs of the synthetic default's pre-training (default: the schedule's, e.g.
@@ -245,7 +245,7 @@ class _Data:
 
 def _synthetic(spec: BenchmarkSpec, out: Path, bundle: Path, executor: Any) -> _Data:
     """The synthetic default's target datalist, source test set and foundation checkpoint, made (once) in the cache."""
-    from dgst_monai.data.multisite import benchmark_datalist
+    from dgst_monai.data.phantoms.benchmark_sets import benchmark_datalist
 
     cache = Path(spec.cache) if spec.cache is not None else out / "cache"
     sizes = SYNTHETIC[spec.synthetic]
@@ -275,7 +275,7 @@ def _source_test(value: str | os.PathLike[str] | None) -> str | None:
 
 def _pretrain(spec: BenchmarkSpec, cache: Path, bundle: Path, executor: Any) -> Path:
     """The synthetic source set's foundation model, pre-trained once per schedule with the bundle's train config."""
-    from dgst_monai.data.multisite import benchmark_datalist
+    from dgst_monai.data.phantoms.benchmark_sets import benchmark_datalist
 
     sizes = SYNTHETIC[spec.synthetic]
     configs, preset_overrides = _preset(spec.preset)
@@ -350,7 +350,7 @@ def _overrides(spec: BenchmarkSpec) -> dict[str, Any]:
 
 def _check(spec: BenchmarkSpec) -> None:
     """Refuse bad arguments before any work."""
-    from dgst_monai.data.multisite import BENCHMARK_TARGETS
+    from dgst_monai.data.phantoms.benchmark_sets import BENCHMARK_TARGETS
     from dgst_monai.methods import get_method
 
     if spec.target not in BENCHMARK_TARGETS:
@@ -426,7 +426,7 @@ def run_benchmark(out: str | os.PathLike[str], spec: BenchmarkSpec | None = None
             others ran and the report was written).
         ValueError: bad arguments.
     """
-    from dgst_monai.resources import find_bundle
+    from dgst_monai.bundle.resources import find_bundle
 
     spec = dataclasses.replace(spec or BenchmarkSpec(), **options)
     out = Path(out).resolve()  # cells run bundle configs by path, from any working directory

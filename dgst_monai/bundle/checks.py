@@ -4,27 +4,26 @@ They refuse overrides that name nothing, an output folder that cannot be written
 fails ``dgst-monai data check`` or has more classes than the network.
 
 ``python -m monai.bundle run`` accepts any ``--key value``: a misspelt ``--methd dgst`` adds an unused key and the
-run goes on with the default method to the end. :func:`check_command_line` reads the command line of the
-running ``monai.bundle run`` (``sys.argv``) and stops at an override that neither names a key of the configs,
-nor a key they refer to (``@key``), nor a new argument of one of their components (checked against the
+run goes on with the default method to the end. :func:`check_command_line` reads the overrides that the running
+``python -m monai.bundle run`` was given (:func:`bundle_run_arguments`) and stops at one that neither names a key of
+the configs, nor a key they refer to (``@key``), nor a new argument of one of their components (checked against the
 component's signature). Each check prints one message saying what to do and exits with status 2 (a bundle's
 ``initialize`` list calls them)::
 
-    "initialize": [{"_target_": "dgst_monai.preflight.check_command_line"},
-                   {"_target_": "dgst_monai.preflight.check_output_folder", "folder": "@ckpt_dir"},
-                   {"_target_": "dgst_monai.preflight.check_data", "datalist": "@datalist",
+    "initialize": [{"_target_": "dgst_monai.bundle.checks.check_command_line"},
+                   {"_target_": "dgst_monai.bundle.checks.check_output_folder", "folder": "@ckpt_dir"},
+                   {"_target_": "dgst_monai.bundle.checks.check_data", "datalist": "@datalist",
                     "out_channels": "@out_channels", "in_channels": "@in_channels"},
                    {"_target_": "monai.utils.set_determinism", "seed": "@seed"}]
 
 Example:
-    >>> from dgst_monai.preflight import unknown_overrides
+    >>> from dgst_monai.bundle.checks import unknown_overrides
     >>> unknown_overrides(["bundles/ln_ct_dynunet/configs/train.json"], ["methd", "max_epochs"])  # doctest: +SKIP
     ["--methd: no such key (did you mean --method?)"]
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
 import inspect
 import json
@@ -32,11 +31,11 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["check_command_line", "check_output_folder", "check_data", "unknown_overrides"]
+__all__ = ["bundle_run_arguments", "check_command_line", "check_output_folder", "check_data", "unknown_overrides"]
 
 _REFERENCE = re.compile(r"@([A-Za-z_][\w#:]*)")
 
@@ -116,60 +115,68 @@ def unknown_overrides(config_files: Sequence[str | os.PathLike[str]], keys: Iter
     return problems
 
 
-def _parse_list(value: str) -> list[str]:
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    if isinstance(parsed, (list, tuple)):
-        return [str(v) for v in parsed]
-    text = str(parsed)
+def _config_files(value: Any) -> list[str]:
+    """``config_file`` of a ``run`` call as a list: a list of paths, or one path, or paths joined by commas (which
+    MONAI splits unless the whole string names a file)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value)
     return text.split(",") if "," in text and not Path(text).is_file() else [text]
 
 
-def _options(tokens: Sequence[str]) -> dict[str, str]:
-    """``--key value`` / ``--key=value`` / a bare ``--flag`` of a fire command line."""
-    options: dict[str, str] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if token.startswith("--") and len(token) > 2:
-            key, sep, value = token[2:].partition("=")
-            if not sep:
-                has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
-                value = tokens[i + 1] if has_value else "True"
-                i += int(has_value)
-            options[key.replace("-", "_")] = value  # fire reads --config-file as config_file
-        i += 1
-    return options
+def bundle_run_arguments() -> dict[str, Any] | None:
+    """The arguments of the ``python -m monai.bundle run`` command that this code runs under, or None.
+
+    The command is recognised by what runs, not by how the program was named: the process's ``__main__`` is the
+    module ``monai.bundle.__main__`` (also under ``torchrun -m monai.bundle``), and ``monai.bundle.scripts.run``
+    is on the call stack, as it is while it creates and initialises the workflow (the bundle's ``initialize``
+    list runs then). Its frame holds what the command was given, as fire parsed it: ``config_file``,
+    ``args_file``, ``meta_file``, ... and the overrides. A workflow made by other code (``dgst-monai predict``,
+    MONAI Label, the demo's and the benchmark's ``monai.bundle.run`` calls, the tests) gets None.
+
+    Returns:
+        The run's own arguments that were given (not None) and its overrides, in one dict.
+    """
+    from monai.bundle import scripts
+
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) != "monai.bundle.__main__":
+        return None
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not scripts.run.__code__:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    values = frame.f_locals
+    own = {k: v for k, v in values.items() if k in inspect.signature(scripts.run).parameters and k != "override"}
+    return {**{k: v for k, v in own.items() if v is not None}, **values.get("override", {})}
 
 
-def check_command_line(argv: Sequence[str] | None = None) -> None:
+def check_command_line(arguments: Mapping[str, Any] | None = None) -> None:
     """Stop a ``python -m monai.bundle run`` whose overrides name keys the configs do not have.
 
-    Does nothing when this process is not ``monai.bundle run`` (a bundle used from Python, or by MONAI Label).
+    Does nothing outside that command (a workflow made by other code, such as ``dgst-monai predict`` or MONAI
+    Label, whose overrides are its own): see :func:`bundle_run_arguments`.
 
     Args:
-        argv: the command line; default ``sys.argv``.
+        arguments: the command's arguments and overrides (``{"config_file": [...], "method": "dgst"}``); default
+            those of the ``python -m monai.bundle run`` this is called under (:func:`bundle_run_arguments`).
 
     Raises:
         SystemExit: status 2, after printing every unknown override with suggestions.
     """
-    argv = list(sys.argv if argv is None else argv)
-    program = Path(argv[0]).as_posix() if argv else ""
-    if not program.endswith("monai/bundle/__main__.py") or argv[1:2] != ["run"]:
+    arguments = bundle_run_arguments() if arguments is None else dict(arguments)
+    if arguments is None:
         return
-    options = _options(argv[2:])
-    overrides = {k: v for k, v in options.items() if k not in _monai_run_arguments()}
-    if "args_file" in options:  # MONAI reads further arguments and overrides from this file
+    if arguments.get("args_file"):  # MONAI reads further arguments and overrides from this file; given ones win
         from monai.bundle import ConfigParser
 
-        extra = ConfigParser.load_config_file(options["args_file"])
-        options = {**{k: str(v) for k, v in extra.items()}, **options}
-        overrides.update({k: str(v) for k, v in extra.items() if k not in _monai_run_arguments()})
-    if "config_file" not in options or not overrides:
+        arguments = {**ConfigParser.load_config_file(str(arguments["args_file"])), **arguments}
+    own = _monai_run_arguments()
+    overrides = [str(k) for k in arguments if k not in own]
+    if arguments.get("config_file") is None or not overrides:
         return
-    problems = unknown_overrides(_parse_list(options["config_file"]), overrides)
+    problems = unknown_overrides(_config_files(arguments["config_file"]), overrides)
     if problems:
         _fail(
             "the command line overrides keys the bundle does not have, so they would change nothing:\n  "

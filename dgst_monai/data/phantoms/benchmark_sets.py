@@ -20,7 +20,7 @@ itself (:func:`dgst_monai.data.splits.make_splits`); ``site_shift`` and ``source
 cases.
 
 Example:
-    >>> from dgst_monai.data.multisite import case_knobs, target_spec
+    >>> from dgst_monai.data.phantoms.benchmark_sets import case_knobs, target_spec
     >>> spec = target_spec("multisite")
     >>> knobs = case_knobs(spec, index=3)
     >>> 10.0 <= knobs["noise_sigma"] <= 40.0 and knobs["recon_kernel"] in ("soft", "sharp")
@@ -244,7 +244,7 @@ def benchmark_datalist(
         {
             "name": f"dgst_benchmark_{name}",
             "domain": spec["domain"],
-            "description": f"Benchmark set {name!r} of data_manifests/synthetic.json (dgst_monai.data.multisite).",
+            "description": f"Benchmark set {name!r} of data_manifests/synthetic.json (dgst_monai.data.phantoms.benchmark_sets).",
             "labels": {"0": "background", "1": "lymph_node"},
             "modality": {"0": "CT"},
             # a test-only set (source_test) has none: the model's own normalisation scores it

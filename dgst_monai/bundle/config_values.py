@@ -6,12 +6,12 @@ non-empty string is true in Python: ``--resume false`` would resume. A bundle th
 directly but reads it once through :func:`flag`, in its ``settings`` entry, which the consumers refer to::
 
     "resume": false,
-    "settings": {"resume": {"_target_": "dgst_monai.config_values.flag", "value": "@resume", "name": "resume"}},
+    "settings": {"resume": {"_target_": "dgst_monai.bundle.config_values.flag", "value": "@resume", "name": "resume"}},
     ...
     {"_target_": "dgst_monai.handlers.TrainingStateCheckpoint", "resume": "@settings#resume"}
 
 Example:
-    >>> from dgst_monai.config_values import flag
+    >>> from dgst_monai.bundle.config_values import flag
     >>> [flag(v) for v in (False, "false", "False", "0", 0, "no", "off")]
     [False, False, False, False, False, False, False]
     >>> [flag(v) for v in (True, "true", "1", 1, "yes", "on")]

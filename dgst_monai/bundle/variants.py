@@ -13,7 +13,7 @@ checks that the written topology is the planner's.
 
 Regenerate after changing the source bundle or the planner::
 
-    python -m dgst_monai.bundle_variants bundles
+    python -m dgst_monai.bundle.variants bundles
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dgst_monai.config_values import set_config_key
+from dgst_monai.bundle.config_values import set_config_key
 
 __all__ = [
     "PLAN_CONFIGS",
@@ -50,7 +50,7 @@ _SWIN_DESCRIPTION = (
 )
 
 #: variant bundle -> file (relative to the bundle) -> changes. JSON files take ``{"id#path": value}``
-#: (:func:`dgst_monai.config_values.set_config_key`); Markdown files take ``{"old text": "new text"}``
+#: (:func:`dgst_monai.bundle.config_values.set_config_key`); Markdown files take ``{"old text": "new text"}``
 #: replacements, each of which must match exactly once.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "ln_ct_swinunetr": {
@@ -60,7 +60,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "version": "0.9.0",
             "changelog": {
                 "0.9.0": "The network written out in train.json and inference.json as the plan component, lean "
-                "configs, one fine-tuning handler (FineTuningHandler) and clip_grad_norm in finetune.json, as "
+                "configs, one fine-tuning handler (FineTuningHandler) and clip_grad_norm in finetune.json, the bundle "
+                "code as dgst_monai.bundle.<module>, one normalizer for evaluate.json and inference.json, as "
                 "ln_ct_dynunet 0.10.0; --preset keeps the written swin_version",
                 "0.8.0": "output_format setting of inference.json (nifti, dicom-seg, rtstruct) and the patch_size check "
                 "(every axis a multiple of 32), as ln_ct_dynunet 0.9.0",

@@ -9,7 +9,7 @@ handler list through :func:`tracked_handlers`, which moves the MLflow handlers l
 
 Example (a bundle config)::
 
-    "imports": ["$from dgst_monai.tracking import tracked_handlers"],
+    "imports": ["$from dgst_monai.bundle.tracking import tracked_handlers"],
     "experiment_param": {"method": "@method", "gamma": "@gamma", "shots": "@shots", "seed": "@seed"},
     "train#trainer#train_handlers": "$tracked_handlers(@train#handlers + @train#fine_tuning_handlers, @experiment_param)"
 """

@@ -12,7 +12,7 @@ demo run on a CPU without downloads:
   the heart, oesophagus, thoracic spine and sternum; lymph nodes at the IASLC stations (2R/2L, 4R/4L, 5, 6,
   7 subcarinal, 8, 10R/10L hilar, 3A) in mediastinal and hilar fat.
 
-Tissues are HU-calibrated (see :data:`dgst_monai.data.phantom_anatomy.TISSUES`); nodes are rotated
+Tissues are HU-calibrated (see :data:`dgst_monai.data.phantoms.anatomy.TISSUES`); nodes are rotated
 ellipsoids of soft-tissue density, some with a fatty hilum, placed next to vessels and airway. Muscles,
 glands, oesophagus, myocardium (and, without contrast, the vessels) share the nodes' density, so intensity
 alone does not segment them.
@@ -78,7 +78,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from dgst_monai.data.phantom_anatomy import (
+from dgst_monai.data.phantoms.anatomy import (
     DOMAIN_FOCUS,
     MIXED_TISSUE,
     TISSUES,

@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from dgst_monai.data.phantom_shapes import Capsule, Ellipsoid, Shape, Tube, polyline, rotation_matrix
+from dgst_monai.data.phantoms.shapes import Capsule, Ellipsoid, Shape, Tube, polyline, rotation_matrix
 
 __all__ = [
     "TissueClass",

@@ -7,7 +7,7 @@ copies in ``site-packages/dgst_monai/``; after ``pip install -e .`` they are the
 edit there takes effect at once. The current working directory plays no part.
 
 Example:
-    >>> from dgst_monai.resources import bundle_dir, shipped_dir
+    >>> from dgst_monai.bundle.resources import bundle_dir, shipped_dir
     >>> (bundle_dir("ln_ct_dynunet") / "configs" / "train.json").is_file()
     True
     >>> sorted(p.name for p in shipped_dir("data_manifests").glob("*.json"))[0]
