@@ -55,9 +55,9 @@ SKIP_MESSAGE = "SKIPPED the GPU parts: no CUDA device (torch.cuda.is_available()
 GPU_MODES = ("full", "dgst-strict", "dgst-gradient")
 
 
-def dgst_args(preset: str, extra: list[str]) -> argparse.Namespace:
-    """bench_dgst's argument namespace (plan, patch, batch, bundle, seed) for ``preset`` plus ``extra`` flags."""
-    return bench_dgst.parse_args(["--preset", preset, *extra])
+def dgst_args(size: str, extra: list[str]) -> argparse.Namespace:
+    """bench_dgst's argument namespace (plan, patch, batch, bundle, seed) for ``size`` plus ``extra`` flags."""
+    return bench_dgst.parse_args(["--size", size, *extra])
 
 
 def make_trainer(
@@ -247,8 +247,8 @@ def gpu_inference(args: argparse.Namespace, device: torch.device, volume: list[i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="nnunet", help="bench_dgst preset of the GPU timings (default: paper plan)")
-    p.add_argument("--cpu-preset", default="tiny", help="bench_dgst preset of the CPU-side step check")
+    p.add_argument("--size", default="nnunet", help="bench_dgst size of the GPU timings (default: the paper plan)")
+    p.add_argument("--cpu-size", default="tiny", help="bench_dgst size of the CPU-side step check")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per mode on the GPU")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds on the GPU")
     p.add_argument("--volume", type=int, nargs=3, default=[256, 256, 160], help="inference volume (x y z)")
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"torch {torch.__version__}, CUDA available: {cuda}" + (f" ({result['device_name']})" if cuda else ""))
 
-    cpu = cpu_path(dgst_args(opts.cpu_preset, []))
+    cpu = cpu_path(dgst_args(opts.cpu_size, []))
     result["cpu_path"] = cpu
     strict, full = cpu["dgst-strict"], cpu["full"]
     cpu_ok = strict.get("selected") == strict["changed_sparse"] > 0 and full["changed_sparse"] > strict["changed_sparse"]
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cuda", 0)
         torch.backends.cudnn.benchmark = True
-        args = dgst_args(opts.preset, [])
+        args = dgst_args(opts.size, [])
         result["gpu_config"] = {"plan": args.plan, "filters": args.filters, "patch": args.patch, "batch": args.batch}
         result["sync"] = sync = sync_check(args, device)
         print("host syncs per iteration: " + ", ".join(f"{m} {sync[f'{m}_syncs_per_iteration']}" for m in GPU_MODES)

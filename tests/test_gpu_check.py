@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh on a CPU-only machine: exits 0, says it skipped the GPU parts, and its CPU side ran real
 full and DGST steps (DGST's strict step changed exactly the entries its handler selected, full nearly all).
 
-The script runs as a subprocess, the way a user runs it (``bash benchmarks/gpu_check.sh``), on the tiny preset.
+The script runs as a subprocess, the way a user runs it (``bash benchmarks/gpu_check.sh``), at the tiny size.
 """
 
 from __future__ import annotations
