@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dgst's helpers
 import bench_dgst  # noqa: E402
 from bench_dgst import log, median, write_results  # noqa: E402
 
-from dgst_monai.memory import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
+from dgst_monai.memory import cpu_model, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 PHASES = ("inference", "train")
@@ -141,6 +141,67 @@ class Timed:
                               "peak_growth_mib": peak - before if self.can_reset else float("nan")}
 
 
+def _first_calls(case: dict[str, Any], runners: dict[str, Callable[[bool], Any]], timed: Timed, tag: str) -> None:
+    """Each variant's first call (compilation included) and its differences to eager; failing variants dropped."""
+    reference: dict[str, Any] | None = None
+    for name in list(runners):
+        try:
+            first, seconds, mem = timed(lambda: runners[name](True))
+        except Exception as e:  # noqa: BLE001 - a compile error surfaces at the first call
+            case["errors"][name] = error_text(e)
+            log(f"{tag} {name}: first call failed: {case['errors'][name]}")
+            del runners[name]
+            continue
+        entry = {"first_call_s": seconds, "first_call_memory": mem}
+        if reference is None:
+            reference = first
+            entry["max_abs_output"] = float(first["output"].abs().max())
+        else:
+            entry.update(differences(first, reference))
+        case["variants"][name] = entry
+        log(f"{tag} {name}: first call {seconds:.1f} s"
+            + (f", max abs diff to eager {entry['max_abs_diff']:.3g}" if "max_abs_diff" in entry else ""))
+
+
+def _timed_rounds(args: argparse.Namespace, case: dict[str, Any], runners: dict[str, Callable[[bool], Any]],
+                  timed: Timed, tag: str) -> None:
+    """Warm-up calls, then ``args.rounds`` rounds with the variants' order reversed every other round."""
+    names = list(runners)
+    for name in names:
+        case["variants"][name].update(seconds=[], warmup_s=[], peak_growth_mib=[], peak_mib=[])
+    for _ in range(args.warmup):
+        for name in names:
+            case["variants"][name]["warmup_s"].append(timed(lambda: runners[name](False))[1])
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            _, seconds, mem = timed(lambda: runners[name](False))
+            entry = case["variants"][name]
+            entry["seconds"].append(seconds)
+            entry["peak_growth_mib"].append(mem["peak_growth_mib"])
+            entry["peak_mib"].append(mem["peak_mib"])
+        log(f"{tag} round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {case['variants'][n]['seconds'][-1]:.2f} s" for n in names))
+
+
+def _medians_and_ratios(case: dict[str, Any], names: list[str]) -> None:
+    """Median times, compile overhead, and each compiled variant's ratio to eager (plain and paired)."""
+    for name in names:
+        entry = case["variants"][name]
+        entry["median_s"] = median(entry["seconds"])
+        entry["median_peak_growth_mib"] = median(entry["peak_growth_mib"])
+        entry["compile_s"] = entry["first_call_s"] - entry["median_s"]  # the first call's overhead over a call
+    eager = case["variants"].get("eager")
+    case["ratios"] = {}
+    for name in names:
+        if name == "eager" or eager is None:
+            continue
+        entry = case["variants"][name]
+        case["ratios"][name] = {
+            "ratio": entry["median_s"] / eager["median_s"],
+            "paired_ratio": median([c / e for c, e in zip(entry["seconds"], eager["seconds"])]),
+        }
+
+
 def run_case(args: argparse.Namespace, phase: str, precision: str, plan: Any) -> dict[str, Any]:
     """Eager and the compiled variants of one (phase, precision): first calls, differences, alternating rounds."""
     torch._dynamo.reset()
@@ -169,55 +230,10 @@ def run_case(args: argparse.Namespace, phase: str, precision: str, plan: Any) ->
             continue
         runners[name] = make_runner(args, phase, precision, model, fn, image, label)
 
-    reference: dict[str, Any] | None = None
-    for name in list(runners):
-        try:
-            first, seconds, mem = timed(lambda: runners[name](True))
-        except Exception as e:  # noqa: BLE001 - a compile error surfaces at the first call
-            case["errors"][name] = error_text(e)
-            log(f"[{phase} {precision}] {name}: first call failed: {case['errors'][name]}")
-            del runners[name]
-            continue
-        entry = {"first_call_s": seconds, "first_call_memory": mem}
-        if reference is None:
-            reference = first
-            entry["max_abs_output"] = float(first["output"].abs().max())
-        else:
-            entry.update(differences(first, reference))
-        case["variants"][name] = entry
-        log(f"[{phase} {precision}] {name}: first call {seconds:.1f} s"
-            + (f", max abs diff to eager {entry['max_abs_diff']:.3g}" if "max_abs_diff" in entry else ""))
-
+    _first_calls(case, runners, timed, f"[{phase} {precision}]")
     names = list(runners)
-    for name in names:
-        case["variants"][name].update(seconds=[], warmup_s=[], peak_growth_mib=[], peak_mib=[])
-    for _ in range(args.warmup):
-        for name in names:
-            case["variants"][name]["warmup_s"].append(timed(lambda: runners[name](False))[1])
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            _, seconds, mem = timed(lambda: runners[name](False))
-            entry = case["variants"][name]
-            entry["seconds"].append(seconds)
-            entry["peak_growth_mib"].append(mem["peak_growth_mib"])
-            entry["peak_mib"].append(mem["peak_mib"])
-        log(f"[{phase} {precision}] round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{n} {case['variants'][n]['seconds'][-1]:.2f} s" for n in names))
-    for name in names:
-        entry = case["variants"][name]
-        entry["median_s"] = median(entry["seconds"])
-        entry["median_peak_growth_mib"] = median(entry["peak_growth_mib"])
-        entry["compile_s"] = entry["first_call_s"] - entry["median_s"]  # the first call's overhead over a call
-    eager = case["variants"].get("eager")
-    case["ratios"] = {}
-    for name in names:
-        if name == "eager" or eager is None:
-            continue
-        entry = case["variants"][name]
-        case["ratios"][name] = {
-            "ratio": entry["median_s"] / eager["median_s"],
-            "paired_ratio": median([c / e for c, e in zip(entry["seconds"], eager["seconds"])]),
-        }
+    _timed_rounds(args, case, runners, timed, f"[{phase} {precision}]")
+    _medians_and_ratios(case, names)
     case["dynamo"] = {"unique_graphs": counters["stats"].get("unique_graphs", 0) - graphs0,
                       "graph_breaks": sum(counters["graph_break"].values()) - breaks0}
     return case
@@ -263,17 +279,6 @@ def differences(first: dict[str, Any], reference: dict[str, Any]) -> dict[str, f
         out["max_abs_grad_diff"] = max(max_abs_diff(g, r) for g, r in zip(first["grads"], reference["grads"]))
         out["max_abs_grad"] = max(float(r.abs().max()) for r in reference["grads"])
     return out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def report(result: dict[str, Any]) -> str:

@@ -93,7 +93,7 @@ CLIP: float = inspect.signature(DGSTHandler).parameters["clip_grad_norm"].defaul
 
 # --------------------------------------------------------------------------------------------------------------
 # The released trainer's mask construction, re-implemented from its description (per-row full argsort, one-hot rows of
-# torch.eye; see tests/test_released_trainer.py)
+# torch.eye; see tests/core/test_released_trainer.py)
 # --------------------------------------------------------------------------------------------------------------
 
 

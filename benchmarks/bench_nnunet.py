@@ -36,7 +36,7 @@ sliding
 Usage (needs nnunetv2, e.g. ``pip install -e ".[nnunet]"``)::
 
     python benchmarks/bench_nnunet.py --work /tmp/bench_nnunet --json /tmp/bench_nnunet.json --markdown /tmp/b.md
-    python benchmarks/bench_nnunet.py --preset tiny --work /tmp/bn_tiny   # smoke run, about a minute
+    python benchmarks/bench_nnunet.py --size tiny --work /tmp/bn_tiny   # smoke run, about a minute
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_DGSTBench"
 CONFIGURATION = "3d_fullres"
 FOLD = "all"  # nnU-Net's 5-fold split needs >= 5 cases; "all" trains on every case
 LABELS = {"background": 0, "lymph_node": 1}
-PRESETS: dict[str, dict[str, Any]] = {
+SIZES: dict[str, dict[str, Any]] = {
     # the paper's plan (filters 32-64-128-256-320-320, anisotropic first kernel) at bench_dgst's 96x96x64 patch:
     # its 80x112x224 patch would take over a minute per iteration on one thread
     "paper": {
@@ -136,12 +136,12 @@ def worker_env(work: Path, threads: int, workers: int) -> dict[str, str]:
     }
 
 
-def our_plan(preset: dict[str, Any]):  # -> DynUNetPlan
-    """Our plan (``dgst_monai.networks.plan_preset``) with the preset's patch."""
+def our_plan(size: dict[str, Any]):  # -> DynUNetPlan
+    """Our plan (``dgst_monai.networks.plan_preset``) with the run size's patch."""
     from dgst_monai.networks import plan_preset
 
-    plan = plan_preset(preset["plan"], **preset["plan_overrides"])
-    return replace(plan, patch_size=tuple(preset["patch"]))
+    plan = plan_preset(size["plan"], **size["plan_overrides"])
+    return replace(plan, patch_size=tuple(size["patch"]))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,14 +160,14 @@ def write_volume(path: Path, domain: str, seed: int, **knobs: Any) -> Path:
     return path
 
 
-def prepare(work: Path, preset: dict[str, Any]) -> dict[str, Any]:
+def prepare(work: Path, size: dict[str, Any]) -> dict[str, Any]:
     """Datasets, nnU-Net plans and preprocessing, the nnU-Net model folder and our checkpoint of its weights."""
     from dgst_monai.data.datalists import load_split, synthetic_datalist
     from dgst_monai.networks import export_nnunet
 
-    plan = our_plan(preset)
-    datalist = synthetic_datalist(work / "synthetic_hn", domain="hn", n=preset["cases"], orientation="RAS",
-                                  fov_mm=preset["train_fov_mm"])
+    plan = our_plan(size)
+    datalist = synthetic_datalist(work / "synthetic_hn", domain="hn", n=size["cases"], orientation="RAS",
+                                  fov_mm=size["train_fov_mm"])
     cases = load_split(datalist, "training")
     raw = work / "nnUNet_raw" / DATASET_NAME
     for sub in ("imagesTr", "labelsTr"):
@@ -188,7 +188,7 @@ def prepare(work: Path, preset: dict[str, Any]) -> dict[str, Any]:
     ours = work / "ours_model"
     export_nnunet(model_folder, ours / "model.pt", fold=FOLD)
     volumes = {name: str(write_volume(work / "volumes" / f"{name}_0000.nii.gz", "hn", 1000 + i, **knobs))
-               for i, (name, knobs) in enumerate(preset["volumes"].items())}
+               for i, (name, knobs) in enumerate(size["volumes"].items())}
     return {"datalist": datalist, "model_folder": str(model_folder), "ours_checkpoint": str(ours / "model.pt"),
             "ours_override": str(ours / "model_override.json"), "volumes": volumes, "cases": len(cases)}
 
@@ -294,7 +294,7 @@ def train_ours(spec: dict[str, Any]) -> dict[str, Any]:
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / f"{c}.json") for c in configs])
     n_iter = spec["warmup"] + spec["iterations"]
-    plan = our_plan(spec["preset"])
+    plan = our_plan(spec["size"])
     overrides = {
         "bundle_root": spec["work"] + "/ours_bundle",
         "datalist": spec["datalist"],
@@ -594,13 +594,13 @@ def report(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    p.add_argument("--size", choices=sorted(SIZES), default="paper")
     p.add_argument("--work", default="/tmp/bench_nnunet", help="folder for data, nnU-Net folders, predictions")
     p.add_argument("--rounds", type=int, help="training rounds (each side once per round, alternating)")
     p.add_argument("--iterations", type=int, help="timed training iterations per side and round")
     p.add_argument("--warmup", type=int, help="untimed training iterations per side and round")
     p.add_argument("--infer-rounds", type=int, default=1, help="inference rounds per volume")
-    p.add_argument("--volumes", nargs="*", help="inference volumes of the preset to run (default: all, or none "
+    p.add_argument("--volumes", nargs="*", help="inference volumes of the run size to run (default: all, or none "
                    "with --scan)")
     p.add_argument("--scan", nargs="*", default=[], help="real scans to run inference on as well: NIfTI / NRRD "
                    "files or DICOM series folders (written once as NIfTI, which both sides then read)")
@@ -616,10 +616,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
+    size = SIZES[args.size]
     for key in ("rounds", "iterations", "warmup"):
         if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+            setattr(args, key, size[key])
     return args
 
 
@@ -645,30 +645,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     import torch
 
     torch.set_num_threads(args.threads)
-    preset = copy.deepcopy(PRESETS[args.preset])
+    size = copy.deepcopy(SIZES[args.size])
     if args.volumes or args.scan:
-        preset["volumes"] = {k: v for k, v in preset["volumes"].items() if k in (args.volumes or [])}
-    plan = our_plan(preset)
+        size["volumes"] = {k: v for k, v in size["volumes"].items() if k in (args.volumes or [])}
+    plan = our_plan(size)
     result: dict[str, Any] = {"config": {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads, "workers": args.workers,
         "torch": torch.__version__, "monai": monai.__version__, "nnunetv2": version("nnunetv2"),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()], "preset": args.preset, "plan": preset["plan"],
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()], "size": args.size, "plan": size["plan"],
         "filters": list(plan.filters), "patch": list(plan.patch_size), "batch": plan.batch_size,
         "parameters": sum(p.numel() for p in plan.network(1, 2, deep_supervision=True).parameters()),
         "rounds": args.rounds, "iterations": args.iterations, "warmup": args.warmup,
         "infer_rounds": args.infer_rounds,
     }}
     t0 = time.perf_counter()
-    prepared = prepare(work, preset)
+    prepared = prepare(work, size)
     result["prepare_s"] = time.perf_counter() - t0
     for scan in args.scan:
         name = "scan-" + Path(scan.rstrip("/")).name.split(".")[0]
         prepared["volumes"][name] = str(write_scan(Path(scan), work / "volumes" / f"{name}_0000.nii.gz"))
     log(f"[prepare] {result['prepare_s']:.0f} s: {prepared}")
-    base = {**prepared, "work": str(work), "preset": preset, "threads": args.threads, "workers": args.workers,
+    base = {**prepared, "work": str(work), "size": size, "threads": args.threads, "workers": args.workers,
             "iterations": args.iterations, "warmup": args.warmup}
-    base["preset"] = {**preset, "volumes": {}}  # JSON-able; the volumes are files by now
+    base["size"] = {**size, "volumes": {}}  # JSON-able; the volumes are files by now
     if "train" not in args.skip:
         result["train"] = bench_train(args, base, env)
     if "inference" not in args.skip:

@@ -96,16 +96,7 @@ def run_demo(
         methods: fine-tuning methods to compare (names of ``dgst_monai.METHODS``).
         seed: seed of the few-shot draw and of training.
     """
-    if size not in SIZES:
-        raise DemoSettingsError(f"unknown --size {size!r}; choose one of {', '.join(SIZES)}")
-    p = SIZES[size]
-    shots = p.shots if shots is None else shots
-    available = p.target_cases - (max(1, round(0.2 * p.target_cases)) if p.target_cases >= 2 else 0)
-    if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= available:
-        raise DemoSettingsError(
-            f"--shots {shots!r} does not fit --size {size}: it has {available} target training cases "
-            f"(give --shots 1..{available}, or leave it out for {p.shots})"
-        )
+    p, shots = _checked_settings(size, shots)
     run_dir = Path(output) if output else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     bundle = bundle_dir()
@@ -116,10 +107,7 @@ def run_demo(
 
     step(f"writing everything under {run_dir.resolve()}")
     step(f"synthesising {p.source_cases} head-and-neck (source) and {p.target_cases} mediastinum (target) CTs")
-    source = synthetic_datalist(run_dir / "data" / "hn", "hn", n=p.source_cases, seed=seed, **p.phantom_knobs)
-    target = synthetic_datalist(
-        run_dir / "data" / "mediastinum", "mediastinum", n=p.target_cases, seed=seed + 1, **p.phantom_knobs
-    )
+    source, target = _datasets(run_dir / "data", p, seed)
     common = dict(p.overrides, seed=seed, iterations_per_epoch=p.iterations_per_epoch)
     configs = ["train.json", "cpu_small.json"]
 
@@ -165,6 +153,29 @@ def run_demo(
     step("done")
     print(format_table(rows, retained))
     return rows
+
+
+def _checked_settings(size: str, shots: int | None) -> tuple[DemoSize, int]:
+    """The size's settings and the shot count, refused with one line naming both where they do not fit."""
+    if size not in SIZES:
+        raise DemoSettingsError(f"unknown --size {size!r}; choose one of {', '.join(SIZES)}")
+    p = SIZES[size]
+    shots = p.shots if shots is None else shots
+    available = p.target_cases - (max(1, round(0.2 * p.target_cases)) if p.target_cases >= 2 else 0)
+    if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= available:
+        raise DemoSettingsError(
+            f"--shots {shots!r} does not fit --size {size}: it has {available} target training cases "
+            f"(give --shots 1..{available}, or leave it out for {p.shots})"
+        )
+    return p, shots
+
+
+def _datasets(folder: Path, p: DemoSize, seed: int) -> tuple[str, str]:
+    """The source (head-and-neck) and target (mediastinum) phantom datalists of a demo run."""
+    source = synthetic_datalist(folder / "hn", "hn", n=p.source_cases, seed=seed, **p.phantom_knobs)
+    target = synthetic_datalist(folder / "mediastinum", "mediastinum", n=p.target_cases, seed=seed + 1,
+                                **p.phantom_knobs)
+    return source, target
 
 
 def _evaluate(

@@ -1,4 +1,5 @@
-"""This process's resident memory (RSS) and its peak, measured so that a child process reports its own peak.
+"""This process's resident memory (RSS) and its peak, measured so that a child process reports its own peak; the
+CPU model that measurements record beside them (floating-point results of the same run differ across CPU models).
 
 The protocol's cells and the benchmarks' workers each run in a process of their own, started by a larger parent
 (the runner, the benchmark driver) with ``subprocess``, i.e. fork or vfork, then ``exec``. Linux keeps two
@@ -79,3 +80,17 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; :func:`platform.processor` where there is none)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from helpers import bundle_workflow, run_checked
+from helpers import REPO, bundle_workflow, run_checked
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from dgst_monai.normalization import save_normalization
 
-BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
+BUNDLES = REPO / "bundles"
 BUNDLE_NAMES = ("ln_ct_dynunet", "ln_ct_swinunetr")
 
 #: The tiny preset of each bundle's network (dgst_monai.networks PRESETS / SWINUNETR_PRESETS), for train and

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from bundle_support import save_tiny_checkpoint
 from helpers import build_tiny_dynunet, cpu_trainer, make_loss, snapshot
 from monai.engines import SupervisedTrainer
 from monai.networks.nets import DynUNet
@@ -143,3 +144,10 @@ def tiny_ct(tmp_path_factory) -> SimpleNamespace:
         hn=str(write_synthetic_dataset(root / "hn", "hn", n=3, seed=0, **knobs)),
         mediastinum=str(write_synthetic_dataset(root / "mediastinum", "mediastinum", n=3, seed=1, **knobs)),
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny DynUNet training checkpoint with its normalisation file."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model"), {"a_min": -100.0, "a_max": 200.0, "b_min": -2.0,
+                                                                    "b_max": 4.0})

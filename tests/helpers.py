@@ -37,6 +37,9 @@ from dgst_monai.losses import StackedDeepSupervisionLoss
 from dgst_monai.networks.adapters import MergedView
 from dgst_monai.networks.inference import drop_deep_supervision_heads_on_load
 
+#: The repository root (the test modules sit one or two folders below it).
+REPO = Path(__file__).resolve().parent.parent
+
 __all__ = [
     "build_tiny_dynunet",
     "build_tiny_inference_dynunet",

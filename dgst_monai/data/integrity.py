@@ -72,7 +72,7 @@ def check_nifti_header(path: str | os.PathLike[str]) -> Any:
     """The NIfTI header of ``path`` if its geometry is usable: dims in range, finite spacing, and finite sform /
     qform values where their codes say they are used. Reads the header only.
 
-    ITK's NIfTI reader hangs on some headers with an infinite sform entry (found by tests/test_fuzz_readers.py):
+    ITK's NIfTI reader hangs on some headers with an infinite sform entry (found by tests/data/test_fuzz_readers.py):
     every reader here checks the header with this first, so ITK never sees one.
 
     Returns:

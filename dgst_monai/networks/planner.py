@@ -33,7 +33,7 @@ paper's do.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -473,25 +473,8 @@ def plan_dynunet(
     """
     spacing_list, patch_list = _check_spacing_and_patch(spacing, patch_size)
     dims = len(spacing_list)
-    if memory_gb is not None and not (math.isfinite(memory_gb) and memory_gb > 0):
-        raise ValueError(f"memory_gb must be > 0 (or None to skip the memory check), got {memory_gb!r}")
-    for name, value, low in (
-        ("batch_size", batch_size, 1),
-        ("base_filters", base_filters, 1),
-        ("min_feature_map_size", min_feature_map_size, 1),
-        ("out_channels", out_channels, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if max_pool_per_axis is not None and (not isinstance(max_pool_per_axis, int) or max_pool_per_axis < 1):
-        raise ValueError(f"max_pool_per_axis must be an integer >= 1 or None, got {max_pool_per_axis!r}")
-    cap = max_filters if max_filters is not None else (320 if dims == 3 else 512)
-    if cap < base_filters:
-        raise ValueError(f"max_filters ({cap}) must be >= base_filters ({base_filters})")
-    if blocks_per_stage is not None and not residual:
-        raise ValueError("blocks_per_stage needs residual=True (it sets residual blocks per encoder stage)")
-    if median_shape is not None and (len(median_shape) != dims or any(m <= 0 for m in median_shape)):
-        raise ValueError(f"median_shape must have {dims} positive entries, got {list(median_shape)}")
+    cap = _check_plan_options(dims, memory_gb, batch_size, base_filters, max_filters, min_feature_map_size,
+                              max_pool_per_axis, residual, blocks_per_stage, out_channels, median_shape)
 
     def build(patch: Sequence[int]) -> tuple[DynUNetPlan, list[int]]:
         kernels, strides, pools = _topology(spacing_list, patch, min_feature_map_size, max_pool_per_axis)
@@ -528,6 +511,43 @@ def plan_dynunet(
     plan, divisor = build(patch_list)
     if memory_gb is None:
         return plan
+    return _shrink_to_memory(plan, divisor, build, memory_gb, batch_size, out_channels, residual, median_shape,
+                             min_feature_map_size, max_pool_per_axis)
+
+
+def _check_plan_options(dims: int, memory_gb: float | None, batch_size: int, base_filters: int,
+                       max_filters: int | None, min_feature_map_size: int, max_pool_per_axis: int | None,
+                       residual: bool, blocks_per_stage: Sequence[int] | None, out_channels: int,
+                       median_shape: Sequence[int] | None) -> int:
+    """:func:`plan_dynunet`'s options checked; returns the channel cap (nnU-Net's 320 in 3D, 512 in 2D)."""
+    if memory_gb is not None and not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise ValueError(f"memory_gb must be > 0 (or None to skip the memory check), got {memory_gb!r}")
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("base_filters", base_filters, 1),
+        ("min_feature_map_size", min_feature_map_size, 1),
+        ("out_channels", out_channels, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if max_pool_per_axis is not None and (not isinstance(max_pool_per_axis, int) or max_pool_per_axis < 1):
+        raise ValueError(f"max_pool_per_axis must be an integer >= 1 or None, got {max_pool_per_axis!r}")
+    cap = max_filters if max_filters is not None else (320 if dims == 3 else 512)
+    if cap < base_filters:
+        raise ValueError(f"max_filters ({cap}) must be >= base_filters ({base_filters})")
+    if blocks_per_stage is not None and not residual:
+        raise ValueError("blocks_per_stage needs residual=True (it sets residual blocks per encoder stage)")
+    if median_shape is not None and (len(median_shape) != dims or any(m <= 0 for m in median_shape)):
+        raise ValueError(f"median_shape must have {dims} positive entries, got {list(median_shape)}")
+    return cap
+
+
+def _shrink_to_memory(plan: DynUNetPlan, divisor: list[int],
+                      build: Callable[[Sequence[int]], tuple[DynUNetPlan, list[int]]], memory_gb: float,
+                      batch_size: int, out_channels: int, residual: bool, median_shape: Sequence[int] | None,
+                      min_feature_map_size: int, max_pool_per_axis: int | None) -> DynUNetPlan:
+    """Shrink the plan's patch, one axis step at a time, until nnU-Net's memory estimate fits ``memory_gb``."""
+    spacing_list, dims = list(plan.spacing), len(plan.spacing)
     reference = (REFERENCE_ELEMENTS_RESIDUAL if residual else REFERENCE_ELEMENTS_PLAIN) * memory_gb / REFERENCE_GB
     # nnU-Net's reference is for batch 2
     while plan.estimate_feature_map_elements(out_channels) * batch_size / 2 > reference:

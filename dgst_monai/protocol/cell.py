@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from dgst_monai.files import atomic_open, atomic_write_json, read_json
-from dgst_monai.memory import peak_rss_mb
+from dgst_monai.memory import cpu_model, peak_rss_mb
 from dgst_monai.protocol.grid import FOUNDATION, Cell, method_label
 from dgst_monai.protocol.handlers import CheckpointsAt, write_progress
 
@@ -237,6 +237,7 @@ def run_cell(cell_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_mb_train": peak_train,
         "host": socket.gethostname(),
+        "cpu": cpu_model(),
         "pid": os.getpid(),
         "threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

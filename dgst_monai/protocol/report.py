@@ -21,6 +21,7 @@ import csv
 import math
 import os
 import statistics
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -448,10 +449,22 @@ def _intro(r: _Report) -> list[str]:
         + (f" Command: `{r.state['command']}`" if r.state.get("command") else ""),
         "- Per shot level, the best value is **bold** and the second <ins>underlined</ins>.",
     ]
+    if r.results:
+        lines.append(_cost_line(r.results))
     if r.retained:
         lines.append(f"- Retained: the same final checkpoints scored on the held-out source-domain test set "
                      f"({protocol.get('source_test')}): what fine-tuning keeps of the foundation's knowledge.")
     return [*lines, ""]
+
+
+def _cost_line(results: Sequence[Mapping[str, Any]]) -> str:
+    """What the finished cells cost, summed, and the CPUs they ran on (results differ in rounding across models)."""
+    wall = sum(float(x.get("timing", {}).get("cell_wall_s", 0.0)) for x in results)
+    cpu = sum(float(x.get("timing", {}).get("cell_cpu_s", 0.0)) for x in results)
+    models = Counter(x.get("cpu", "not recorded") for x in results)
+    where = ", ".join(f"{name} ({n})" for name, n in models.most_common())
+    return (f"- Cost of the finished cells: {wall / 3600:.1f} h of cell wall time, {cpu / 3600:.1f} h of CPU time "
+            f"(the foundation's pre-training not included); cells per CPU model: {where}.")
 
 
 def _table1(r: _Report) -> list[str]:

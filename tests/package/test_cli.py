@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from bundle_support import BUNDLES
-from test_inference_geometry import tiny_checkpoint  # noqa: F401 - the fixture: a tiny DynUNet checkpoint
 
 import dgst_monai.demo
 import dgst_monai.predict
@@ -38,7 +37,7 @@ def _scans(tiny_ct) -> list[str]:
 
 @pytest.mark.parametrize("form", ["after --input", "unnamed"])
 def test_predict_segments_every_scan_and_leaves_mirror_off(
-    form, tiny_ct, tiny_checkpoint, tmp_path, predict_calls  # noqa: F811 - the imported fixture
+    form, tiny_ct, tiny_checkpoint, tmp_path, predict_calls
 ):
     """``--input a b`` and ``a b`` both segment both scans; no scan lands in ``mirror`` or another option."""
     scans, out = _scans(tiny_ct), tmp_path / "masks"

@@ -7,16 +7,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from test_inference_geometry import tiny_checkpoint  # noqa: F401 - the fixture: a tiny DynUNet checkpoint
+from helpers import REPO
 
 from dgst_monai.data.datalists import load_split, synthetic_datalist
 from dgst_monai.predict import mask_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_precision  # noqa: E402
 
 
-def test_both_precisions_segment_the_scans_and_the_agreement_is_measured(tiny_checkpoint, tmp_path):  # noqa: F811
+def test_both_precisions_segment_the_scans_and_the_agreement_is_measured(tiny_checkpoint, tmp_path):
     datalist = synthetic_datalist(tmp_path / "data", domain="mediastinum", n=2, fov_mm=(48.0, 48.0, 32.0))
     work = tmp_path / "work"
     result = bench_precision.main(["--checkpoint", str(tiny_checkpoint), "--preset", "tiny", "--datalist", datalist,

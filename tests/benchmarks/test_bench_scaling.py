@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scaling.py"
+from helpers import REPO
+
+SCRIPT = REPO / "benchmarks" / "bench_scaling.py"
 
 
 def _windows(volume: list[int], patch: list[int], overlap: float = 0.5) -> int:

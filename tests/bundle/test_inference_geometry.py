@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from bundle_support import BUNDLES, TINY_NETWORK, save_tiny_checkpoint
+from bundle_support import BUNDLES, TINY_NETWORK
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from dgst_monai.inferers import (
@@ -46,13 +46,6 @@ def _write_ct(path, size, spacing, origin, direction) -> None:
     image.SetOrigin(origin)
     image.SetDirection(tuple(float(v) for v in np.asarray(direction).ravel()))
     sitk.WriteImage(image, str(path))
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A randomly initialised tiny DynUNet training checkpoint with its normalisation file."""
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("model"), {"a_min": -100.0, "a_max": 200.0, "b_min": -2.0,
-                                                                    "b_max": 4.0})
 
 
 def test_masks_keep_the_input_geometry(tiny_checkpoint, tmp_path):

@@ -16,8 +16,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO
 
 pytestmark = pytest.mark.slow  # the demo in the fresh environment takes about a minute
 

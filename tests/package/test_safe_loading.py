@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from bundle_copies import copy_bundle, make_workflow
+from helpers import REPO
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 
@@ -23,7 +24,7 @@ from dgst_monai.handlers.checkpoint_loader import CheckpointMismatchError, SafeC
 from dgst_monai.networks import plan_preset
 from dgst_monai.networks.checkpoints import checkpoint_state, for_checkpoint
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dgst_monai"
+PACKAGE = REPO / "dgst_monai"
 #: The one documented exception: nnU-Net's own checkpoints pickle numpy scalars and dicts; the import trusts the
 #: user's nnU-Net folder as nnU-Net itself does (dgst_monai/networks/nnunet_import.py).
 WEIGHTS_ONLY_EXCEPTIONS = {"networks/nnunet_import.py"}

@@ -110,6 +110,14 @@ def test_cells_record_cost_and_changed_entries(tiny_run):
         "parameters"]["network_entries"] + 1e-6
     assert dgst["parameters"]["changed_fraction"] < 0.05
     assert foundation["iterations"] == 0 and foundation["parameters"]["changed_fraction"] == 0.0
+    # the report sums what the cells cost and names the CPUs they ran on
+    from dgst_monai.memory import cpu_model
+
+    results = [json.loads(f.read_text(encoding="utf-8")) for f in tiny_run.glob("cells/*/result.json")]
+    assert {r["cpu"] for r in results} == {cpu_model()}
+    cpu_hours = sum(r["timing"]["cell_cpu_s"] for r in results if "timing" in r) / 3600
+    line = next(x for x in (tiny_run / "report.md").read_text(encoding="utf-8").splitlines() if "Cost of" in x)
+    assert f"{cpu_hours:.1f} h of CPU time" in line and f"{cpu_model()} ({len(results)})" in line
 
 
 def test_report_marks_the_best_per_shot_level_and_writes_the_figures(tiny_run):

@@ -57,3 +57,11 @@ def test_reset_lowers_the_peak_to_the_current_rss():
     assert child["reset"] is True
     assert child["after_reset"] <= child["rss"] + 5  # measured from the reset on
     assert child["after_reset"] < child["peak"] - CHILD_MB * 0.9
+
+
+def test_cpu_model_is_the_model_name_of_proc_cpuinfo():
+    """The CPU model recorded beside measurements is /proc/cpuinfo's first ``model name``."""
+    from dgst_monai.memory import cpu_model
+
+    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    assert names and cpu_model() == names[0]

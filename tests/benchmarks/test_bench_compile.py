@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import requires_cxx
+from helpers import REPO, requires_cxx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_compile  # noqa: E402
 from bench_dgst import median  # noqa: E402
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 
 from dgst_monai.protocol.report import paired_table
 from dgst_monai.protocol.statistics import paired_difference
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "synthetic" / "multisite"
+RESULTS = REPO / "docs" / "results" / "synthetic" / "multisite"
 
 
 def test_a_constant_gain_is_significant_and_no_difference_is_not():

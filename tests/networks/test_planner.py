@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from monai.bundle import ConfigParser
 from monai.networks.nets import DynUNet, SwinUNETR
 
@@ -30,7 +30,7 @@ from dgst_monai.networks.planner import (
 )
 from dgst_monai.networks.swinunetr import build_swinunetr
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ln_ct_dynunet"
+BUNDLE = REPO / "bundles" / "ln_ct_dynunet"
 NETWORK_KEYS = ("spacing", "patch_size", "filters", "kernel_size", "strides", "deep_supr_num")
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/bench_nnunet.py at its tiny preset against the real nnU-Net v2: the report has every row, nnU-Net
+"""benchmarks/bench_nnunet.py at its tiny size against the real nnU-Net v2: the report has every row, nnU-Net
 trained the same plan as ours, the DGST side really runs the DGST handler, and the masks agree.
 
 Runs the script as a user does (a subprocess; each measurement in its own worker process). Needs nnunetv2
@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (pip install -e '.[nnunet]'); the benchmark compares against it")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_nnunet.py"
+SCRIPT = REPO / "benchmarks" / "bench_nnunet.py"
 
 
 def _lps_scan(path: Path) -> Path:
@@ -39,7 +40,7 @@ def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     scan = _lps_scan(tmp_path / "lps_ct.nii.gz")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--preset", "tiny", "--work", str(tmp_path / "work"),
+        [sys.executable, str(SCRIPT), "--size", "tiny", "--work", str(tmp_path / "work"),
          "--volumes", "small", "thick5mm", "--scan", str(scan),
          "--variants", "monai-gaussian", "monai-resampling", "monai-window", "--json", str(out), "--markdown", str(md)],
         capture_output=True, text=True, encoding="utf-8", timeout=900, check=False,

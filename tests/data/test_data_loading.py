@@ -23,6 +23,7 @@ from data_helpers import (
     write,
     write_dicom_series,
 )
+from helpers import REPO
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
 from dgst_monai.data.datalists import ct_normalization, load_split
@@ -147,7 +148,7 @@ def test_bundle_preprocessing_config_loads_nrrd_with_the_reader(tmp_path: Path) 
     """The bundle's own preprocessing (train.json), with only LoadImaged's reader set, reads NRRD."""
     from monai.bundle import ConfigParser
 
-    config = Path(__file__).resolve().parents[1] / "bundles" / "ln_ct_dynunet" / "configs" / "train.json"
+    config = REPO / "bundles" / "ln_ct_dynunet" / "configs" / "train.json"
     parser = ConfigParser()
     parser.read_config(str(config))
     transforms = parser["preprocessing"]["transforms"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from monai.bundle import ConfigParser
 from monai.networks.nets import DynUNet
 from torch.nn.functional import interpolate
@@ -31,7 +32,7 @@ from dgst_monai.normalization import load_normalization
 
 pytest.importorskip("dynamic_network_architectures")
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ln_ct_dynunet"
+BUNDLE = REPO / "bundles" / "ln_ct_dynunet"
 TOLERANCE = 1e-4
 
 # nnU-Net's (z, y, x) order. Isotropic: 3 stages, 3x3x3 everywhere. Anisotropic (thick slices): the first

@@ -155,8 +155,9 @@ def _ddp_rank(rank: int, port: int, root: Path) -> None:
 
 
 def test_under_ddp_rank_0_writes_and_every_rank_resumes(tmp_path: Path) -> None:
-    # forked: the ranks inherit the imported modules (spawned ones would import MONAI again, for seconds)
-    mp.start_processes(_ddp_rank, args=(free_port(), tmp_path), nprocs=2, join=True, start_method="fork")
+    # spawned, not forked: a fork inherits the parent's autograd state, and after some earlier tests in the same
+    # process (ones that start autograd's device threads) backward() in a forked child refuses to run
+    mp.start_processes(_ddp_rank, args=(free_port(), tmp_path), nprocs=2, join=True, start_method="spawn")
     assert not (tmp_path / "rank1").exists()  # rank 1 neither created its folder nor wrote
     assert _states(tmp_path / "rank0") == ["training_state_epoch=2.pt"]
     state = torch.load(tmp_path / "rank0" / "training_state_epoch=2.pt", weights_only=True)
