@@ -351,8 +351,8 @@ class _Report:
         self.get_source = _lookup([s for s in defaults if s["domain"] == "source"])
         self.shots = sorted({int(k) for k in self.grid["shots"]})
         self.sparse = {r["cell"]["method"] for r in self.results if r["cell"].get("gamma") is not None}
-        self.table_gamma = int(read_json(Path(self.protocol["bundle"]) / "configs" / "finetune.json",
-                                         "finetune config")["gamma"])
+        self.defaults = read_json(Path(self.protocol["bundle"]) / "configs" / "finetune.json", "finetune config")
+        self.table_gamma = int(self.defaults["gamma"])
         has = self.has
         self.methods = [m for m in self.grid["methods"] if has(m)]
         self.ablation = [m for m in dict.fromkeys(["full", *self.grid["ablation"], "dgst"])
@@ -576,7 +576,9 @@ def _tradeoff(r: _Report) -> list[str]:
              "test cases and on the held-out source test set, bootstrap 95 % intervals (seeds and cases "
              f"resampled), and its paired difference against {variant_label(ref)} on both. Front: on the Pareto "
              "front of its shot level (no configuration is at least as good on both and better on one); a method is "
-             "better only where it lies above the others' points.", ""]
+             "better only where it lies above the others' points. A difference in **bold** has its interval above 0, "
+             "<ins>underlined</ins> below 0. A label names what differs from the bundle's fine-tuning defaults "
+             f"(learning rate {r.defaults['learning_rate']}, update `{r.defaults['update']}`).", ""]
     for k in sorted({p["shots"] for p in points}):
         header = ["Configuration", "target DSC", "retained DSC", f"target vs {variant_label(ref)}",
                   f"retained vs {variant_label(ref)}", "front"]

@@ -88,6 +88,9 @@ def test_every_final_checkpoint_is_also_scored_on_the_held_out_source_cases(tiny
     report = (tiny_run / "report.md").read_text(encoding="utf-8")
     assert "| Method | 1-shot | retained 1-shot |" in report
     assert "## Adaptation against forgetting" in report and (tiny_run / "tradeoff.png").stat().st_size > 5000
+    # unlabelled configurations are the bundle's defaults, which the section names
+    defaults = json.loads((BUNDLES / "ln_ct_dynunet/configs/finetune.json").read_text(encoding="utf-8"))
+    assert f"(learning rate {defaults['learning_rate']}, update `{defaults['update']}`)" in report
 
 
 def test_the_budget_checkpoint_differs_from_the_final_one(tiny_run):

@@ -20,7 +20,7 @@ run() {
 # is the hash of its pre-training settings (this checkout's bundle path and the cache path included); elsewhere the
 # runner pre-trains a new one and refuses the committed folders, whose protocol names the old one.
 mkdir -p "$cache" && cp -rn docs/results/synthetic/tradeoff_foundation/foundation_* "$cache"/
-# the data of both targets and the source test set (phantoms rebuilt bit-identically from their seeds)
+# the data of both targets and the source test set (phantoms rebuilt from their seeds)
 run multisite --methods "" --seeds 0
 run site_shift --methods "" --seeds 0
 # Seed 0 first, in the order that answers the first question soonest: Full, Bias+Norm+Head and DGST, then the
