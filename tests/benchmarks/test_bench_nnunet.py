@@ -36,6 +36,7 @@ def _lps_scan(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # trains and runs both tools (nnU-Net's preprocessing and planning included): minutes
 def test_tiny_benchmark_runs_both_sides_on_the_same_plan_and_the_masks_agree(tmp_path: Path) -> None:
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     scan = _lps_scan(tmp_path / "lps_ct.nii.gz")
