@@ -84,6 +84,34 @@ def nested_shots(train_ids: Sequence[str], shots: Iterable[int], seed: int = 0) 
     return out
 
 
+
+def extend_splits(splits: str | os.PathLike[str], shots: Iterable[int], seeds: Iterable[int]) -> list[tuple[int, int]]:
+    """Add the few-shot subsets a splits JSON lacks for ``seeds`` x ``shots``; the subsets it has stay as they are.
+
+    A grid that grows (more seeds, another shot level) keeps its test cases and the subsets its finished runs
+    used; the new subsets are the ones :func:`make_splits` draws for the same training cases.
+
+    Returns:
+        The ``(seed, k)`` pairs added (the file is rewritten only when there are some).
+
+    Raises:
+        ValueError: a k above the number of training cases.
+    """
+    path = Path(splits)
+    content = read_json(path, "splits")
+    train_ids = [case["case_id"] for case in with_case_ids(content.get("training", []), source=str(path))]
+    table = content.setdefault("few_shot", {})
+    seed_list, shot_list = [int(s) for s in seeds], sorted(set(int(k) for k in shots))
+    added = [(s, k) for s in seed_list for k in shot_list if str(k) not in table.get(str(s), {})]
+    if not added:
+        return []
+    for s, k in added:
+        table.setdefault(str(s), {})[str(k)] = nested_shots(train_ids, [k], s)[k]
+    content["seeds"] = sorted(set(content.get("seeds", [])) | set(seed_list))
+    content["shots"] = sorted(set(content.get("shots", [])) | set(shot_list))
+    atomic_write_json(path, content)
+    return added
+
 def parse_int_list(value: Any, name: str) -> list[int]:
     """Integers from ``3,5,10`` / ``"3,5,10"`` / ``[3, 5]`` / ``3`` / ``""`` (what a command line gives).
 

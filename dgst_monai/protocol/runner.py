@@ -384,14 +384,19 @@ def _save_state(out: Path, spec: BenchmarkSpec, protocol: dict[str, Any], grid: 
 
 def _split(out: Path, data: _Data, grid: Mapping[str, Any]) -> dict[str, Any]:
     """``splits.json`` (made once: the seeded 8:2 split unless the datalist has a test list, and the few-shot
-    subsets) as the protocol's ``datalist``, and the qualitative figure's cases."""
+    subsets, extended when the grid gains seeds or shot levels) as the protocol's ``datalist``, and the
+    qualitative figure's cases."""
     from dgst_monai.data.datalists import load_split
-    from dgst_monai.data.splits import make_splits
+    from dgst_monai.data.splits import extend_splits, make_splits
 
     splits = out / "splits.json"
     if not splits.is_file():
         _say(f"the split and few-shot subsets of {data.datalist}: {splits}")
         make_splits(data.datalist, shots=grid["shots"], seeds=grid["seeds"], output=splits)
+    else:
+        added = extend_splits(splits, shots=grid["shots"], seeds=grid["seeds"])
+        if added:
+            _say(f"{splits}: added the few-shot subsets (seed, shots) {added}")
     test_ids = sorted(c["case_id"] for c in load_split(splits, "test"))
     # the qualitative figure's cases: the first two test ids, not hand-picked
     return {"datalist": str(splits.resolve()), "save_cases": test_ids[:2]}

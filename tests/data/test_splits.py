@@ -14,7 +14,7 @@ from data_helpers import ct_volume, write, write_datalist
 from dgst_monai.data.commands import DataCommands
 from dgst_monai.data.datalists import ct_normalization, few_shot, load_split
 from dgst_monai.data.index import intensity_properties
-from dgst_monai.data.splits import make_splits, nested_shots, parse_int_list, ranked, train_test_split
+from dgst_monai.data.splits import extend_splits, make_splits, nested_shots, parse_int_list, ranked, train_test_split
 
 IDS = [f"segrap_{i:04d}" for i in range(120)]
 
@@ -135,6 +135,30 @@ def test_few_shot_with_an_edited_splits_file(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="no 3-shot subset for seed 0"):
         few_shot(training, 3, 0, splits=out)
 
+
+
+def test_extend_splits_adds_seeds_and_keeps_what_runs_used(tmp_path: Path) -> None:
+    datalist = _datalist(tmp_path, 10)
+    out = tmp_path / "splits.json"
+    make_splits(datalist, shots=[1, 4], seeds=[0], output=out)
+    content = json.loads(out.read_text(encoding="utf-8"))
+    pinned = [c["case_id"] for c in content["training"]][-4:]
+    content["few_shot"]["0"]["4"] = pinned  # a hand edit the finished seed-0 runs trained on
+    out.write_text(json.dumps(content), encoding="utf-8")
+
+    assert extend_splits(out, shots=[1, 4], seeds=[0, 1, 2]) == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    extended = json.loads(out.read_text(encoding="utf-8"))
+    full = make_splits(datalist, shots=[1, 4], seeds=[0, 1, 2])
+    assert extended["few_shot"]["0"] == {"1": content["few_shot"]["0"]["1"], "4": pinned}
+    assert extended["few_shot"]["1"] == full["few_shot"]["1"] and extended["few_shot"]["2"] == full["few_shot"]["2"]
+    assert (extended["seeds"], extended["shots"]) == ([0, 1, 2], [1, 4])
+    assert extended["test"] == content["test"] and extended["training"] == content["training"]
+
+    before = out.read_bytes()
+    assert extend_splits(out, shots=[4], seeds=[1]) == []
+    assert out.read_bytes() == before  # nothing to add: the file is not rewritten
+    with pytest.raises(ValueError, match="9 shots requested but there are 8 training cases"):
+        extend_splits(out, shots=[9], seeds=[0])
 
 def test_split_command_line(tmp_path: Path) -> None:
     datalist = _datalist(tmp_path, 10)

@@ -203,14 +203,16 @@ def test_a_rerun_skips_finished_cells_and_refuses_other_settings(tiny_run, cache
 
 
 def test_a_run_killed_mid_cell_resumes_and_finishes(cache, tiny_run):
-    """The command line adds a Bias cell to the tiny run; SIGKILL it in that cell, rerun, and it finishes."""
+    """The command line adds a Bias cell of a new seed to the tiny run; SIGKILL it in that cell, rerun, and it
+    finishes."""
+    subsets_before = json.loads((tiny_run / "splits.json").read_text(encoding="utf-8"))["few_shot"]
     command = [
         sys.executable, "-m", "dgst_monai.cli", "benchmark", "--output", str(tiny_run), "--cache", str(cache),
-        "--synthetic", "tiny", "--preset", "tiny", "--methods", "bias", "--shots", "1", "--seeds", "0",
+        "--synthetic", "tiny", "--preset", "tiny", "--methods", "bias", "--shots", "1", "--seeds", "1",
         "--max_epochs", "2", "--iterations_per_epoch", "1", "--eval_at", "1", "--bundle", BUNDLE, "--threads", "1",
         "--progress=False",
     ]
-    cell = tiny_run / "cells" / "bias_1shot_seed0"
+    cell = tiny_run / "cells" / "bias_1shot_seed1"
     finished = {p: p.stat().st_mtime_ns for p in (tiny_run / "cells").glob("*/result.json")}
     runner = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -246,6 +248,9 @@ def test_a_run_killed_mid_cell_resumes_and_finishes(cache, tiny_run):
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the finished cells did not run again
     assert "1 of 2 cells already finished" in done.stderr  # this command's grid: the foundation and Bias
     assert "| Bias |" in (tiny_run / "report.md").read_text(encoding="utf-8")
+    # the grown grid's seed got its few-shot subset; seed 0's, which the finished cells used, is unchanged
+    subsets = json.loads((tiny_run / "splits.json").read_text(encoding="utf-8"))["few_shot"]
+    assert subsets["0"] == subsets_before["0"] and list(subsets["1"]) == ["1"] and "1" not in subsets_before
 
 
 def test_the_submitit_path_runs_two_cells_as_separate_jobs(tmp_path, cache, tiny_run):

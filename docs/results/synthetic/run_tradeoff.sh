@@ -24,8 +24,9 @@ mkdir -p "$cache" && cp -rn docs/results/synthetic/tradeoff_foundation/foundatio
 run multisite --methods "" --seeds 0
 run site_shift --methods "" --seeds 0
 # Seed 0 first, in the order that answers the first question soonest: Full, Bias+Norm+Head and DGST, then the
-# learning-rate axis, then the other methods and DGST's update modes and gamma 10; then seeds 1 and 2 the same way.
-for seeds in 0 0,1,2; do
+# learning-rate axis, then the other methods and DGST's update modes and gamma 10; then seed 1, then seed 2, the same
+# way (a run that grows by a seed adds that seed's few-shot subsets to splits.json and keeps the others).
+for seeds in 0 0,1 0,1,2; do
     for target in multisite site_shift; do
         (
             run "$target" --methods full,bias_norm_head,dgst --seeds "$seeds"
