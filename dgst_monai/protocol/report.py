@@ -313,7 +313,8 @@ def tradeoff_points(rows: Sequence[Mapping[str, str]], metric: str = "dice") -> 
     shot level (no other point is at least as good on both and better on one).
 
     Returns:
-        ``[{"variant", "label", "shots", "target": (mean, low, high), "retained": (mean, low, high), "front"}]``.
+        ``[{"variant", "label", "shots", "seeds", "target": (mean, low, high), "retained": (mean, low, high),
+        "front"}]``; ``seeds`` lists the seeds of the target scores (empty for the foundation, which has none).
     """
     from dgst_monai.protocol.statistics import mean_interval
 
@@ -322,8 +323,9 @@ def tradeoff_points(rows: Sequence[Mapping[str, str]], metric: str = "dice") -> 
     for key in target.keys() & source.keys():
         t, r = mean_interval(target[key]), mean_interval(source[key])
         if t is not None and r is not None:
-            points.append({"variant": key[0], "label": variant_label(key[0]), "shots": key[1], "target": t,
-                           "retained": r})
+            seeds = [] if key[0][0] == FOUNDATION else sorted({seed for seed, _ in target[key]})
+            points.append({"variant": key[0], "label": variant_label(key[0]), "shots": key[1], "seeds": seeds,
+                           "target": t, "retained": r})
     for p in points:
         p["front"] = not any(
             q["shots"] == p["shots"] and q is not p and q["target"][0] >= p["target"][0]
@@ -578,14 +580,16 @@ def _tradeoff(r: _Report) -> list[str]:
              "front of its shot level (no configuration is at least as good on both and better on one); a method is "
              "better only where it lies above the others' points. A difference in **bold** has its interval above 0, "
              "<ins>underlined</ins> below 0. A label names what differs from the bundle's fine-tuning defaults "
-             f"(learning rate {r.defaults['learning_rate']}, update `{r.defaults['update']}`).", ""]
+             f"(learning rate {r.defaults['learning_rate']}, update `{r.defaults['update']}`). Seeds: the seeds "
+             "finished for the configuration (a paired difference uses the seeds both have).", ""]
     for k in sorted({p["shots"] for p in points}):
-        header = ["Configuration", "target DSC", "retained DSC", f"target vs {variant_label(ref)}",
+        header = ["Configuration", "seeds", "target DSC", "retained DSC", f"target vs {variant_label(ref)}",
                   f"retained vs {variant_label(ref)}", "front"]
         lines += [f"### {k}-shot", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for p in (p for p in points if p["shots"] == k):
             v = p["variant"]
-            cells = [p["label"], _interval_text(p["target"]), _interval_text(p["retained"]),
+            cells = [p["label"], ", ".join(map(str, p["seeds"])) or "–", _interval_text(p["target"]),
+                     _interval_text(p["retained"]),
                      "" if v == ref else _difference_text(target.get((v, k)), target.get((ref, k))),
                      "" if v == ref else _difference_text(source.get((v, k)), source.get((ref, k))),
                      "yes" if p["front"] else ""]

@@ -50,6 +50,7 @@ def test_tradeoff_points_mark_the_pareto_front_and_place_the_foundation_at_every
     assert set(points) == {"Foundation (no fine-tuning)", "Full", "Bias+Norm+Head", "DGST γ=1",
                            "DGST γ=1 lr 0.01"}
     assert {p["shots"] for p in points.values()} == {5}
+    assert points["Full"]["seeds"] == [0, 1] and points["Foundation (no fine-tuning)"]["seeds"] == []
     front = {label for label, p in points.items() if p["front"]}
     assert front == {"Foundation (no fine-tuning)", "Full", "Bias+Norm+Head", "DGST γ=1 lr 0.01"}
     mean, low, high = points["Full"]["target"]
