@@ -84,7 +84,6 @@ def nested_shots(train_ids: Sequence[str], shots: Iterable[int], seed: int = 0) 
     return out
 
 
-
 def extend_splits(splits: str | os.PathLike[str], shots: Iterable[int], seeds: Iterable[int]) -> list[tuple[int, int]]:
     """Add the few-shot subsets a splits JSON lacks for ``seeds`` x ``shots``; the subsets it has stay as they are.
 
@@ -111,6 +110,7 @@ def extend_splits(splits: str | os.PathLike[str], shots: Iterable[int], seeds: I
     content["shots"] = sorted(set(content.get("shots", [])) | set(shot_list))
     atomic_write_json(path, content)
     return added
+
 
 def parse_int_list(value: Any, name: str) -> list[int]:
     """Integers from ``3,5,10`` / ``"3,5,10"`` / ``[3, 5]`` / ``3`` / ``""`` (what a command line gives).

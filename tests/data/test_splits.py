@@ -136,7 +136,6 @@ def test_few_shot_with_an_edited_splits_file(tmp_path: Path) -> None:
         few_shot(training, 3, 0, splits=out)
 
 
-
 def test_extend_splits_adds_seeds_and_keeps_what_runs_used(tmp_path: Path) -> None:
     datalist = _datalist(tmp_path, 10)
     out = tmp_path / "splits.json"
@@ -159,6 +158,7 @@ def test_extend_splits_adds_seeds_and_keeps_what_runs_used(tmp_path: Path) -> No
     assert out.read_bytes() == before  # nothing to add: the file is not rewritten
     with pytest.raises(ValueError, match="9 shots requested but there are 8 training cases"):
         extend_splits(out, shots=[9], seeds=[0])
+
 
 def test_split_command_line(tmp_path: Path) -> None:
     datalist = _datalist(tmp_path, 10)
