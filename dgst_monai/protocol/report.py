@@ -248,12 +248,15 @@ def _level_scores(
     rows: Sequence[Mapping[str, str]], metric: str, domain: str
 ) -> dict[tuple[Variant, int], dict[tuple[int, str], float]]:
     """:func:`_final_scores` with the foundation (shots 0) placed at every shot level: it is a configuration of
-    each (the one that does not fine-tune)."""
+    each (the one that does not fine-tune). The foundation is one model whatever the seed, so its score of a case
+    stands for every seed of that level, and a paired difference against it uses all the level's pairs."""
     scores = _final_scores(rows, metric, domain)
     levels = sorted({k for _, k in scores if k > 0})
     for key in [key for key in scores if key[1] == 0 and levels]:
-        scores.update({(key[0], k): scores[key] for k in levels})
-        del scores[key]
+        per_case = {case: score for (_, case), score in scores.pop(key).items()}
+        for k in levels:
+            seeds = {seed for (_, shots), cases in scores.items() if shots == k for seed, _ in cases}
+            scores[(key[0], k)] = {(seed, case): score for seed in seeds for case, score in per_case.items()}
     return scores
 
 
@@ -290,7 +293,7 @@ def paired_table(
     def variant(m: str | Variant) -> Variant:
         return (m, gamma_of(m), None, None) if isinstance(m, str) else tuple(m)  # type: ignore[return-value]
 
-    scores = _final_scores(rows, metric, domain)
+    scores = _level_scores(rows, metric, domain)
     ref = variant(reference)
     if not any(scores.get((ref, k)) for k in shots):
         return None

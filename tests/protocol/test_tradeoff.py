@@ -32,7 +32,7 @@ def _rows(cell: str, method: str, shots: int, target: list[float], source: list[
     base = {"cell": cell, "method": method, "shots": str(shots), "gamma": variant.get("gamma", ""),
             "update": variant.get("update", ""), "lr": variant.get("lr", ""), "iteration": "10"}
     out = []
-    for seed in (0, 1):
+    for seed in (0,) if method == "foundation" else (0, 1):  # the runner scores the foundation once
         out += [{**base, "seed": str(seed), "domain": "target", "case_id": f"t{i}", "dice": str(v + seed / 100)}
                 for i, v in enumerate(target)]
         out += [{**base, "seed": str(seed), "domain": "source", "case_id": f"s{i}", "dice": str(v)}
@@ -61,3 +61,7 @@ def test_tradeoff_points_mark_the_pareto_front_and_place_the_foundation_at_every
     table = paired_table(rows, ["bias_norm_head", "dgst"], "full", [5], lambda m: 1 if m == "dgst" else None,
                          domain="source")
     assert "+30.00" in table.splitlines()[2]  # bias_norm_head retains 30 points more than full on every pair
+    # the foundation's one score per case pairs with every seed of a level: 2 seeds x 2 cases on the target
+    foundation = paired_table(rows, ["foundation"], "full", [5], lambda m: None)
+    assert "-40.50" in foundation and foundation.splitlines()[2].endswith("n 4</ins> |")
+    assert points["Foundation (no fine-tuning)"]["target"][0] == pytest.approx(0.25)
