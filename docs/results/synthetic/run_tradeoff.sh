@@ -2,7 +2,8 @@
 # The trade-off grid of docs/results/synthetic/tradeoff_<target>/: adaptation (target DSC) against forgetting
 # (retained source DSC) on the multisite and site_shift targets, 1 and 5 shots, seeds 0-2.
 # Resumable: every invocation skips the cells that have a result, so rerun the script after an interruption.
-# The two targets run side by side (1 thread each).
+# The two targets run side by side (1 thread each). The tiny preset keeps the 170 cells to about 6 CPU hours here;
+# the cpu_small network (8x the voxels per patch, twice the filters) would take many times that.
 # Usage: bash docs/results/synthetic/run_tradeoff.sh
 #   CACHE=/path keeps the phantoms and the foundation elsewhere; BUNDLE=/path/to/ln_ct_dynunet runs another copy.
 set -uo pipefail
