@@ -143,13 +143,11 @@ def _ddp_rank(rank: int, port: int, root: Path) -> None:
         _run(root / f"rank{rank}", max_epochs=2, stop_after=1, ddp=True)  # each rank names its own folder
         dist.barrier()
         trainer, network, counter = _run(root / "rank0", max_epochs=2, resume=True, ddp=True)  # both resume
+        # the ranks' weights are compared by the test, not gathered here: a collective on tensors Python holds, as
+        # the last thing a rank does, can abort its exit (gloo's thread frees them after the interpreter stopped)
         weights = torch.cat([p.detach().reshape(-1) for p in network.parameters()])
-        gathered = [torch.zeros_like(weights) for _ in range(2)]
-        dist.all_gather(gathered, weights)
-        torch.save(
-            {"iteration": trainer.state.iteration, "steps": counter.steps, "same": torch.equal(*gathered)},
-            root / f"result{rank}.pt",
-        )
+        torch.save({"iteration": trainer.state.iteration, "steps": counter.steps, "weights": weights},
+                   root / f"result{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -162,6 +160,6 @@ def test_under_ddp_rank_0_writes_and_every_rank_resumes(tmp_path: Path) -> None:
     assert _states(tmp_path / "rank0") == ["training_state_epoch=2.pt"]
     state = torch.load(tmp_path / "rank0" / "training_state_epoch=2.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])  # the DDP model is saved unwrapped
-    for rank in (0, 1):
-        result = torch.load(tmp_path / f"result{rank}.pt", weights_only=True)
-        assert result == {"iteration": 4, "steps": 4, "same": True}, rank
+    results = [torch.load(tmp_path / f"result{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert [(r["iteration"], r["steps"]) for r in results] == [(4, 4), (4, 4)]
+    assert torch.equal(results[0]["weights"], results[1]["weights"])  # both resumed from rank 0's state in step
